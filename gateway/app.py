@@ -1,0 +1,278 @@
+"""The gateway: HTTP -> validate -> authenticate -> limit -> publish, answering 202 after the ack.
+
+`build_app(settings)` wires the steps; each step lives in its own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.auth import AuthError, KeyStore, Principal
+from gateway.client_context import ClientContext
+from gateway.publish import BrokerUnavailable, Publisher
+from gateway.rate_limit import (
+    Limit,
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    load_default_limits,
+)
+from gateway.responses import error_response, json_response
+from gateway.validate import InvalidBody, Validator
+from ingest.records import record_key
+from ingest.settings import Settings
+from ingest.topics import ensure_topics, require
+
+JSON_TYPES = ("application/json", "text/plain")  # text/plain: navigator.sendBeacon's default
+CORS_HEADERS = "authorization, content-type"
+
+
+class Gateway:
+    """The state one gateway process holds: key store, limiter, producer."""
+
+    def __init__(self, settings: Settings, bootstrap: str) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.keys = KeyStore(bootstrap)
+        self.publisher = Publisher(
+            bootstrap,
+            idempotence=settings.kafka_idempotence,
+            linger_ms=settings.kafka_linger_ms,
+            compression=settings.kafka_compression,
+            timeout_s=settings.publish_timeout_s,
+        )
+        self.validator = Validator(settings.properties_max_bytes, settings.batch_max_events)
+        self.context = ClientContext(settings.trusted_proxies, settings.edge_country_header)
+        self.limits: dict[str, Limit] = load_default_limits()
+        self.limiter: RateLimiter = (
+            RedisRateLimiter(settings.redis_url, fail_open=settings.rate_limit_fail_open)
+            if settings.redis_url
+            else MemoryRateLimiter()
+        )
+        raw, forgets = require("raw", "forgets")
+        self.raw_topic, self.forget_topic = raw.name, forgets.name
+        self.retry_after = str(max(1, round(settings.publish_timeout_s)))
+
+    def limit_for(self, route: str) -> Limit:
+        """The route's limit (per-project overrides come from the keys topic)."""
+        return self.limits[route]
+
+    async def start(self) -> None:
+        """Create missing topics, connect the producer, start following the keys topic."""
+        await ensure_topics(self.bootstrap, self.settings.kafka_replication_factor)
+        await self.publisher.start()
+        await self.keys.start()
+
+    async def stop(self) -> None:
+        """Stop in reverse order."""
+        await self.keys.stop()
+        await self.publisher.stop()
+        await self.limiter.close()
+
+    async def read_body(self, request: Request, limit: int) -> bytes:
+        """Check the content type and size (before reading it all) and return the body."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in JSON_TYPES:
+            raise InvalidBody("unsupported_media_type")
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise InvalidBody("payload_too_large")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InvalidBody("payload_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def cors(self, request: Request, principal: Principal | None) -> dict[str, str]:
+        """CORS headers for browser (pk_) callers."""
+        origin = request.headers.get("origin")
+        if origin is None or (principal is not None and principal.kind != "pk"):
+            return {}
+        return {"access-control-allow-origin": origin, "vary": "Origin"}
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A validated request: what to publish where, and what to answer once it is acknowledged."""
+
+    topic: str
+    records: list[tuple[bytes, Any]]
+    answer: dict[str, Any]
+
+
+Parser = Callable[[Gateway, Request, bytes, Principal, int], Accepted]
+
+
+def _key(record: Any) -> bytes:
+    return record_key(
+        record["project"], record["anonymous_id"], record["user_id"] or record["event_id"]
+    )
+
+
+def _track(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
+    record = gw.validator.track(body, who.project, gw.context.build(request), now, who.kind == "sk")
+    return Accepted(
+        gw.raw_topic, [(_key(record), record)], {"ok": True, "event_id": record["event_id"]}
+    )
+
+
+def _identify(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
+    record = gw.validator.identify(
+        body, who.project, gw.context.build(request), now, who.kind == "sk"
+    )
+    return Accepted(
+        gw.raw_topic, [(_key(record), record)], {"ok": True, "event_id": record["event_id"]}
+    )
+
+
+def _batch(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
+    records = gw.validator.batch(
+        body, who.project, gw.context.build(request), now, who.kind == "sk"
+    )
+    return Accepted(
+        gw.raw_topic,
+        [(_key(r), r) for r in records],
+        {"ok": True, "event_ids": [r["event_id"] for r in records]},
+    )
+
+
+def _forget(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
+    record = gw.validator.forget(body, who.project, now)
+    subject = record["user_id"] or record["anonymous_id"]
+    return Accepted(
+        gw.forget_topic,
+        [(f"{who.project}:{subject}".encode(), record)],
+        {"ok": True, "forget_id": record["forget_id"]},
+    )
+
+
+# route -> (parser, settings field holding its body limit)
+ROUTES: dict[str, tuple[Parser, str]] = {
+    "track": (_track, "track_max_bytes"),
+    "identify": (_identify, "track_max_bytes"),
+    "batch": (_batch, "batch_max_bytes"),
+    "forget": (_forget, "track_max_bytes"),
+}
+
+
+def _endpoint(route: str) -> Callable[[Request], Awaitable[Response]]:
+    parse, limit_field = ROUTES[route]
+
+    async def endpoint(request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        if request.method == "OPTIONS":
+            return _preflight(gw, request)
+        principal: Principal | None = None
+        try:
+            body = await gw.read_body(request, getattr(gw.settings, limit_field))
+            principal = gw.keys.authenticate(
+                request.headers.get("authorization"), request.headers.get("origin"), route
+            )
+            accepted = parse(gw, request, body, principal, int(time.time() * 1000))
+            # Limit after validating (the spec's order): a 400 costs no token.
+            decision = await gw.limiter.check(principal.project, route, gw.limit_for(route))
+            if not decision.allowed:
+                return error_response(
+                    "rate_limited",
+                    {
+                        **gw.cors(request, principal),
+                        "retry-after": str(max(1, math.ceil(decision.retry_after))),
+                    },
+                )
+            await gw.publisher.publish(accepted.topic, accepted.records)
+        except InvalidBody as error:
+            extra = {"details": error.details} if error.details else {}
+            return error_response(error.code, gw.cors(request, principal), **extra)
+        except AuthError as error:
+            return error_response(error.code, gw.cors(request, principal))
+        except BrokerUnavailable:
+            return error_response(
+                "broker_unavailable", {**gw.cors(request, principal), "retry-after": gw.retry_after}
+            )
+        return json_response(accepted.answer, 202, gw.cors(request, principal))
+
+    return endpoint
+
+
+def _preflight(gw: Gateway, request: Request) -> Response:
+    origin = request.headers.get("origin")
+    if origin is None or not gw.keys.origin_known(origin):
+        return error_response("origin_not_allowed")
+    return Response(
+        status_code=204,
+        headers={
+            "access-control-allow-origin": origin,
+            "access-control-allow-methods": "POST, OPTIONS",
+            "access-control-allow-headers": CORS_HEADERS,
+            "access-control-max-age": "600",
+            "vary": "Origin",
+        },
+    )
+
+
+async def _health(request: Request) -> Response:
+    return json_response({"ok": True}, 200)
+
+
+async def _ready(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    checks = {"broker": await gw.publisher.ping(), "keys_loaded": gw.keys.loaded.is_set()}
+    return json_response(
+        {"ok": all(checks.values()), **checks}, 200 if all(checks.values()) else 503
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "not_found")
+    return error_response(code)
+
+
+def build_app(settings: Settings, bootstrap: str) -> Starlette:
+    """The gateway's ASGI app; `bootstrap` is the Kafka cluster to publish to."""
+    gateway = Gateway(settings, bootstrap)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    routes = [Route(f"/v1/{name}", _endpoint(name), methods=["POST", "OPTIONS"]) for name in ROUTES]
+    routes += [Route("/health", _health), Route("/ready", _ready)]
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def run(settings: Settings, bootstrap: str) -> None:
+    """Serve the gateway until SIGINT/SIGTERM (uvloop + httptools)."""
+    uvicorn.run(
+        build_app(settings, bootstrap),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+    )

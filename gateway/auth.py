@@ -1,0 +1,131 @@
+"""Authentication: API keys, materialized from the compacted keys topic.
+
+Every gateway replica reads the whole keys topic at start and then follows it, so a key created
+or revoked anywhere reaches every replica within a fetch interval (about a second). Only SHA-256
+hashes of keys are stored; a lookup hashes the presented key and finds its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ingest.records import ApiKeyRecord, decode, hash_api_key
+from ingest.topics import topic
+
+log = logging.getLogger(__name__)
+
+KEY_FORMAT = re.compile(r"(pk|sk|rk)_(live|test)_[A-Za-z0-9]{16,128}")
+
+# Which key kinds may call which route; the error code when one may not.
+ROUTE_KINDS: dict[str, tuple[frozenset[str], str]] = {
+    "track": (frozenset({"pk", "sk"}), "read_only_key"),
+    "identify": (frozenset({"pk", "sk"}), "read_only_key"),
+    "batch": (frozenset({"pk", "sk"}), "read_only_key"),
+    "forget": (frozenset({"sk"}), "forget_requires_secret_key"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the project and the kind of key."""
+
+    project: str
+    kind: str
+    prefix: str
+
+
+class AuthError(Exception):
+    """A request that may not proceed; `code` is a row of the error table."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class KeyStore:
+    """The keys topic as an in-memory map from key hash to record, kept current."""
+
+    def __init__(self, bootstrap_servers: str) -> None:
+        self._bootstrap = bootstrap_servers
+        self._keys: dict[str, ApiKeyRecord] = {}
+        self._origins: frozenset[str] = frozenset()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.loaded = asyncio.Event()
+
+    async def start(self) -> None:
+        """Begin reading the keys topic from its start; `loaded` is set once caught up."""
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, enable_auto_commit=False, fetch_max_wait_ms=500
+        )
+        await self._consumer.start()
+        tp = TopicPartition(topic("keys").name, 0)
+        self._consumer.assign([tp])
+        await self._consumer.seek_to_beginning(tp)
+        # Keys are published one record per batch, so the broker's end offset is exact here.
+        end = (await self._consumer.end_offsets([tp]))[tp]
+        self._task = asyncio.create_task(self._follow(tp, end))
+
+    async def _follow(self, tp: TopicPartition, end: int) -> None:
+        assert self._consumer is not None
+        if end == 0:
+            self.loaded.set()
+        while True:
+            try:
+                batches = await self._consumer.getmany(timeout_ms=1000)
+            except Exception:  # a broker outage must not kill the key follower
+                log.exception("keys topic fetch failed; retrying")
+                await asyncio.sleep(1)
+                continue
+            for messages in batches.values():
+                for message in messages:
+                    self.apply(decode(message.value))
+            if not self.loaded.is_set() and await self._consumer.position(tp) >= end:
+                self.loaded.set()
+
+    def apply(self, record: ApiKeyRecord) -> None:
+        """Apply one record from the keys topic (a new key or a revocation)."""
+        if record["revoked_at"] is not None:
+            self._keys.pop(record["key_hash"], None)
+        else:
+            self._keys[record["key_hash"]] = record
+        self._origins = frozenset(
+            o for r in self._keys.values() if r["kind"] == "pk" for o in r["origins"]
+        )
+
+    def origin_known(self, origin: str) -> bool:
+        """Whether any pk_ key allows this Origin (answers CORS preflights, which carry no key)."""
+        return origin in self._origins
+
+    def authenticate(self, authorization: str | None, origin: str | None, route: str) -> Principal:
+        """Resolve a Bearer header to a principal allowed on `route`, or raise AuthError."""
+        if not authorization:
+            raise AuthError("missing_api_key")
+        scheme, _, raw = authorization.partition(" ")
+        raw = raw.strip()
+        if scheme.lower() != "bearer" or not KEY_FORMAT.fullmatch(raw):
+            raise AuthError("malformed_api_key")
+        digest = hash_api_key(raw)
+        record = self._keys.get(digest)
+        # The dict lookup is by hash; compare_digest keeps the final check constant-time.
+        if record is None or not hmac.compare_digest(record["key_hash"], digest):
+            raise AuthError("invalid_api_key")
+        kinds, refusal = ROUTE_KINDS[route]
+        if record["kind"] not in kinds:
+            raise AuthError(refusal)
+        if record["kind"] == "pk" and (origin is None or origin not in record["origins"]):
+            raise AuthError("origin_not_allowed")
+        return Principal(record["project"], record["kind"], record["prefix"])
+
+    async def stop(self) -> None:
+        """Stop following the topic."""
+        if self._task is not None:
+            self._task.cancel()
+        if self._consumer is not None:
+            await self._consumer.stop()

@@ -1,0 +1,102 @@
+"""Key administration (`millimetric keys ...`): create, list and revoke keys on the keys topic.
+
+A raw key is printed once and never stored: the topic holds its SHA-256 and a short prefix.
+Each record is sent and acknowledged on its own, one record per broker batch, which keeps the
+broker's end offset exact for readers that wait to catch up (see `gateway.auth`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from ingest.records import ApiKeyRecord, decode, encode, hash_api_key
+from ingest.topics import ensure_topics, topic
+
+ALPHABET = string.ascii_letters + string.digits
+
+
+def new_raw_key(kind: str, env: str) -> str:
+    """A fresh key: `<kind>_<env>_` and 32 random base62 characters (~190 bits)."""
+    return f"{kind}_{env}_" + "".join(secrets.choice(ALPHABET) for _ in range(32))
+
+
+async def publish_key_records(
+    bootstrap: str, records: list[ApiKeyRecord], idempotence: bool = False
+) -> None:
+    """Append records to the keys topic, each acknowledged before the next is sent."""
+    await ensure_topics(bootstrap, roles=["keys"])
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=idempotence
+    )
+    await producer.start()
+    try:
+        for record in records:
+            await producer.send_and_wait(
+                topic("keys").name, encode(record), key=record["key_hash"].encode()
+            )
+    finally:
+        await producer.stop()
+
+
+async def read_key_records(bootstrap: str) -> list[ApiKeyRecord]:
+    """Every record on the keys topic, oldest first."""
+    await ensure_topics(bootstrap, roles=["keys"])
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic("keys").name, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        out: list[ApiKeyRecord] = []
+        while await consumer.position(tp) < end:
+            for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                out.extend(decode(m.value) for m in messages)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def current_keys(records: list[ApiKeyRecord]) -> dict[str, ApiKeyRecord]:
+    """The latest record of every key hash (what compaction keeps)."""
+    return {r["key_hash"]: r for r in records}
+
+
+async def create_key(
+    bootstrap: str, project: str, kind: str, env: str, origins: list[str], idempotence: bool = False
+) -> str:
+    """Create a key and return it raw (the only time it exists outside the caller's hands)."""
+    raw = new_raw_key(kind, env)
+    record: ApiKeyRecord = {
+        "v": 1,
+        "key_hash": hash_api_key(raw),
+        "prefix": raw[: len(kind) + len(env) + 10],
+        "project": project,
+        "kind": kind,
+        "env": env,  # type: ignore[typeddict-item]
+        "origins": origins,
+        "created_at": int(time.time() * 1000),
+        "revoked_at": None,
+    }
+    await publish_key_records(bootstrap, [record], idempotence)
+    return raw
+
+
+async def revoke_key(bootstrap: str, key_or_prefix: str, idempotence: bool = False) -> int:
+    """Revoke the key given raw, or every live key starting with the given prefix."""
+    live = [
+        r
+        for r in current_keys(await read_key_records(bootstrap)).values()
+        if r["revoked_at"] is None
+    ]
+    digest = hash_api_key(key_or_prefix)
+    targets = [r for r in live if r["key_hash"] == digest] or [
+        r for r in live if len(key_or_prefix) >= 12 and r["prefix"].startswith(key_or_prefix)
+    ]
+    now = int(time.time() * 1000)
+    await publish_key_records(bootstrap, [{**r, "revoked_at": now} for r in targets], idempotence)
+    return len(targets)

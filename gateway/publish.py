@@ -1,0 +1,85 @@
+"""Publishing: accepted events go to Kafka, and the gateway answers 202 only after the ack.
+
+One producer per process; `linger_ms` lets concurrent requests share a broker round trip. A send
+that the broker does not acknowledge within `publish_timeout_s` becomes `broker_unavailable`
+(503): the client retries, and the event was not accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from ingest.records import encode
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not acknowledge in time; nothing may be reported as accepted."""
+
+
+class Publisher:
+    """Produces records and waits for the broker's acknowledgement of every one."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        idempotence: bool,
+        linger_ms: int,
+        compression: str | None,
+        timeout_s: float,
+    ) -> None:
+        self._timeout = timeout_s
+        self._config: dict[str, Any] = dict(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            enable_idempotence=idempotence,
+            linger_ms=linger_ms,
+            compression_type=compression,
+            max_request_size=4 * 1024 * 1024,
+            request_timeout_ms=int(timeout_s * 1000),
+        )
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        """Connect to the broker (aiokafka clients must be made inside the running loop)."""
+        self._producer = AIOKafkaProducer(**self._config)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        """Flush and disconnect."""
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def publish(self, topic: str, records: Sequence[tuple[bytes, object]]) -> None:
+        """Send (key, record) pairs; return once all are acknowledged, else BrokerUnavailable."""
+        assert self._producer is not None, "start() first"
+        try:
+            async with asyncio.timeout(self._timeout):
+                futures = [
+                    await self._producer.send(topic, encode(value), key=key)
+                    for key, value in records
+                ]
+                await asyncio.gather(*futures)
+        except Exception as error:
+            # Some records of a batch may have landed: the client's retry re-sends them with the
+            # same event_ids, and the sink deduplicates on (project, event_id).
+            log.warning("publish to %s failed: %r", topic, error)
+            raise BrokerUnavailable(repr(error)) from error
+
+    async def ping(self) -> bool:
+        """Whether the broker answers a metadata request (the /ready check)."""
+        if self._producer is None:
+            return False
+        try:
+            async with asyncio.timeout(2):
+                await self._producer.client.fetch_all_metadata()
+            return True
+        except Exception:
+            return False

@@ -1,0 +1,276 @@
+"""Validation: request bodies -> wire records, or the error details a client can act on.
+
+Pydantic parses the JSON bytes directly (one pass in pydantic-core). Fields the server computes
+(source, country, ...) are accepted and dropped, as the spec promises; any other unknown field is
+refused so that typos do not silently lose data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+from ingest.records import RAW_SCHEMA_VERSION, Context, ForgetRequest, RawEvent
+
+M = TypeVar("M", bound=BaseModel)
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Text = Annotated[str, StringConstraints(max_length=8192)]
+
+# 1970..2105 fits every ClickHouse DateTime type, including the oldest server we support.
+MIN_TS_MS = 0
+MAX_TS_MS = 4_291_747_199_000
+
+
+def _iso8601_millis(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("timestamp must be an ISO 8601 string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("timestamp is not ISO 8601 (e.g. 2026-05-16T19:00:00.000Z)") from None
+    if parsed.tzinfo is None:  # no offset given: the spec's examples are UTC
+        parsed = parsed.replace(tzinfo=UTC)
+    millis = int(parsed.timestamp() * 1000)
+    if not MIN_TS_MS <= millis <= MAX_TS_MS:
+        raise ValueError("timestamp must be between 1970 and 2105")
+    return millis
+
+
+Timestamp = Annotated[int | None, BeforeValidator(_iso8601_millis)]
+
+
+class ServerFields(BaseModel):
+    """Fields the server adds; clients may send them and they are ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Any = Field(None, exclude=True)
+    medium: Any = Field(None, exclude=True)
+    campaign: Any = Field(None, exclude=True)
+    channel: Any = Field(None, exclude=True)
+    source_confidence: Any = Field(None, exclude=True)
+    source_rule_id: Any = Field(None, exclude=True)
+    country: Any = Field(None, exclude=True)
+    device_type: Any = Field(None, exclude=True)
+    browser: Any = Field(None, exclude=True)
+    os: Any = Field(None, exclude=True)
+    ip_hash: Any = Field(None, exclude=True)
+
+
+class TrackEvent(ServerFields):
+    """One event, as /v1/track and each /v1/batch entry take it (see the spec's field table)."""
+
+    event: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    event_id: Id | None = None
+    timestamp: Timestamp = None
+    anonymous_id: Id | None = None
+    user_id: Id | None = None
+    session_id: Id | None = None
+    url: Text | None = None
+    path: Text | None = None
+    referrer: Text | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+    # Forwarded end-user context, honoured for sk_ keys only (server-side and webhook senders).
+    ip: Annotated[str, StringConstraints(max_length=64)] | None = None
+    user_agent: Annotated[str, StringConstraints(max_length=2048)] | None = None
+
+
+class TrackBody(TrackEvent):
+    """/v1/track body."""
+
+
+class IdentifyBody(ServerFields):
+    """/v1/identify body: link an anonymous visitor to a user, with traits."""
+
+    anonymous_id: Id
+    user_id: Id
+    traits: dict[str, Any] = Field(default_factory=dict)
+    timestamp: Timestamp = None
+    ip: Annotated[str, StringConstraints(max_length=64)] | None = None
+    user_agent: Annotated[str, StringConstraints(max_length=2048)] | None = None
+
+
+class BatchBody(BaseModel):
+    """/v1/batch body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[TrackEvent]
+
+
+class ForgetBody(BaseModel):
+    """/v1/forget body: a user_id, an anonymous_id, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id | None = None
+    anonymous_id: Id | None = None
+    suppress: bool = False
+
+
+class InvalidBody(Exception):
+    """A body that cannot be accepted; `code` is a row of the error table."""
+
+    def __init__(self, code: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.details = details or []
+
+
+def _details(error: ValidationError, indexed: bool) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for e in error.errors(include_url=False, include_input=False):
+        loc = list(e["loc"])
+        entry: dict[str, Any] = {}
+        if indexed and len(loc) >= 2 and loc[0] == "events" and isinstance(loc[1], int):
+            entry["index"] = loc[1]
+            loc = loc[2:]
+        entry["field"] = ".".join(str(p) for p in loc) or "(body)"
+        entry["message"] = e["msg"]
+        out.append(entry)
+    return out
+
+
+def _parse(model: type[M], body: bytes, indexed: bool = False) -> M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        if any(e["type"] == "json_invalid" for e in error.errors()):
+            raise InvalidBody("invalid_json") from None
+        raise InvalidBody("invalid_payload", _details(error, indexed)) from None
+
+
+def _json_size(value: dict[str, Any]) -> int:
+    return len(orjson.dumps(value)) if value else 2
+
+
+class Validator:
+    """Turns request bodies into raw records, enforcing the configured limits."""
+
+    def __init__(self, properties_max_bytes: int, batch_max_events: int) -> None:
+        self.properties_max_bytes = properties_max_bytes
+        self.batch_max_events = batch_max_events
+
+    def _record(
+        self, e: TrackEvent, project: str, ctx: Context, now: int, trusted: bool
+    ) -> RawEvent:
+        if trusted and (e.ip or e.user_agent):
+            ctx = {**ctx}
+            if e.ip:
+                ctx["ip"] = e.ip
+            if e.user_agent:
+                ctx["user_agent"] = e.user_agent
+        return {
+            "v": RAW_SCHEMA_VERSION,
+            "type": "track",
+            "project": project,
+            "event_id": e.event_id or uuid.uuid4().hex,
+            "event": e.event,
+            "timestamp": e.timestamp if e.timestamp is not None else now,
+            "received_at": now,
+            "anonymous_id": e.anonymous_id,
+            "user_id": e.user_id,
+            "session_id": e.session_id,
+            "url": e.url,
+            "path": e.path,
+            "referrer": e.referrer,
+            "properties": e.properties,
+            "context": ctx,
+        }
+
+    def _check_size(
+        self, value: dict[str, Any], field: str, index: int | None
+    ) -> dict[str, Any] | None:
+        if _json_size(value) <= self.properties_max_bytes:
+            return None
+        detail: dict[str, Any] = {} if index is None else {"index": index}
+        detail |= {
+            "field": field,
+            "message": f"{field} is larger than {self.properties_max_bytes} bytes as JSON",
+        }
+        return detail
+
+    def track(self, body: bytes, project: str, ctx: Context, now: int, trusted: bool) -> RawEvent:
+        """Validate a /v1/track body."""
+        event = _parse(TrackBody, body)
+        if problem := self._check_size(event.properties, "properties", None):
+            raise InvalidBody("invalid_payload", [problem])
+        return self._record(event, project, ctx, now, trusted)
+
+    def batch(
+        self, body: bytes, project: str, ctx: Context, now: int, trusted: bool
+    ) -> list[RawEvent]:
+        """Validate a /v1/batch body: all events or none."""
+        batch = _parse(BatchBody, body, indexed=True)
+        if not batch.events:
+            raise InvalidBody("invalid_payload", [{"field": "events", "message": "empty batch"}])
+        if len(batch.events) > self.batch_max_events:
+            raise InvalidBody(
+                "invalid_payload",
+                [
+                    {
+                        "field": "events",
+                        "message": f"{len(batch.events)} events; "
+                        f"at most {self.batch_max_events} per call",
+                    }
+                ],
+            )
+        problems = [
+            p
+            for i, e in enumerate(batch.events)
+            if (p := self._check_size(e.properties, "properties", i))
+        ]
+        if problems:
+            raise InvalidBody("invalid_payload", problems)
+        return [self._record(e, project, ctx, now, trusted) for e in batch.events]
+
+    def identify(
+        self, body: bytes, project: str, ctx: Context, now: int, trusted: bool
+    ) -> RawEvent:
+        """Validate a /v1/identify body into an `$identify` event."""
+        ident = _parse(IdentifyBody, body)
+        if problem := self._check_size(ident.traits, "traits", None):
+            raise InvalidBody("invalid_payload", [problem])
+        event = TrackEvent(
+            event="$identify",
+            anonymous_id=ident.anonymous_id,
+            user_id=ident.user_id,
+            ip=ident.ip,
+            user_agent=ident.user_agent,
+        )
+        record = self._record(event, project, ctx, now, trusted)
+        record["type"] = "identify"
+        record["timestamp"] = ident.timestamp if ident.timestamp is not None else now
+        record["traits"] = ident.traits
+        return record
+
+    def forget(self, body: bytes, project: str, now: int) -> ForgetRequest:
+        """Validate a /v1/forget body."""
+        forget = _parse(ForgetBody, body)
+        if forget.user_id is None and forget.anonymous_id is None:
+            raise InvalidBody(
+                "invalid_payload",
+                [{"field": "user_id", "message": "send user_id, anonymous_id, or both"}],
+            )
+        return {
+            "v": 1,
+            "forget_id": f"fgt_{uuid.uuid4().hex}",
+            "project": project,
+            "user_id": forget.user_id,
+            "anonymous_id": forget.anonymous_id,
+            "suppress": forget.suppress,
+            "received_at": now,
+        }

@@ -1,0 +1,207 @@
+"""`millimetric`: the one command. The composition root: it alone imports the stages, lazily.
+
+millimetric dev                      the whole pipeline, embedded
+millimetric gateway|processor|sink   one stage (production: one process each, scaled apart)
+millimetric keys create|list|revoke  API keys
+millimetric sql "SELECT ..."         query the configured ClickHouse (TSV)
+millimetric classify --url URL       explain how a visit would be attributed
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from ingest.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in (
+        "data_dir",
+        "kafka_bootstrap_servers",
+        "clickhouse_url",
+        "gateway_host",
+        "gateway_port",
+    ):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    return Settings(**overrides)
+
+
+def _bootstrap(settings: Settings) -> str:
+    from ingest.dev import running_dev_bootstrap
+
+    bootstrap = settings.kafka_bootstrap_servers or running_dev_bootstrap(settings.data_dir)
+    if bootstrap is None:
+        sys.exit(
+            "millimetric: no broker: set MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS, "
+            f"or start `millimetric dev` (data dir {settings.data_dir})"
+        )
+    return bootstrap
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.dev import run
+
+    asyncio.run(run(settings))
+    return 0
+
+
+def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.app import run
+
+    run(settings, _bootstrap(settings))
+    return 0
+
+
+def cmd_processor(settings: Settings, args: argparse.Namespace) -> int:
+    from processors.app import run
+
+    run(settings, _bootstrap(settings))
+    return 0
+
+
+def cmd_sink(settings: Settings, args: argparse.Namespace) -> int:
+    from sinks.app import serve
+
+    asyncio.run(serve(settings, _bootstrap(settings)))
+    return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway import key_admin
+
+    bootstrap = _bootstrap(settings)
+    idem = settings.kafka_idempotence and settings.kafka_bootstrap_servers is not None
+    if args.keys_command == "create":
+        if args.origin and args.type != "pk":
+            sys.exit("millimetric: --origin applies to pk keys only")
+        raw = asyncio.run(
+            key_admin.create_key(
+                bootstrap, args.project, args.type, args.env, args.origin or [], idem
+            )
+        )
+        print(
+            f"created {args.type} key for project {args.project!r} (shown once; store it now):",
+            file=sys.stderr,
+        )
+        print(raw)
+    elif args.keys_command == "list":
+        records = key_admin.current_keys(asyncio.run(key_admin.read_key_records(bootstrap)))
+        print("prefix\tproject\ttype\torigins\tstatus")
+        for r in records.values():
+            if args.project in (None, r["project"]):
+                status = "revoked" if r["revoked_at"] else "active"
+                print(
+                    f"{r['prefix']}…\t{r['project']}\t{r['kind']}\t"
+                    f"{','.join(r['origins'])}\t{status}"
+                )
+    else:
+        count = asyncio.run(key_admin.revoke_key(bootstrap, args.key, idem))
+        print(f"revoked {count} key(s)")
+        return 0 if count else 1
+    return 0
+
+
+def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+    from sinks.clickhouse import connect
+    from sinks.sql_endpoint import ENDPOINT_FILE
+
+    endpoint = settings.data_dir / ENDPOINT_FILE
+    if settings.clickhouse_url is None and endpoint.exists():
+        # A running sink holds the embedded store: ask it.
+        request = urllib.request.Request(endpoint.read_text().strip(), data=args.query.encode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                sys.stdout.write(response.read().decode())
+                return 0
+        except urllib.error.HTTPError as error:
+            sys.exit(f"millimetric sql: {error.read().decode()}")
+        except OSError:
+            pass  # a stale endpoint file: no sink runs, open the store directly
+    ch = connect(settings.clickhouse_url, settings.data_dir)
+    try:
+        sys.stdout.write(ch.query_tsv(args.query))
+    except Exception as error:
+        sys.exit(f"millimetric sql: {error}")
+    finally:
+        ch.close()
+    return 0
+
+
+def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
+    from processors.classify import run_classify_cli
+
+    return run_classify_cli(args.url, args.referrer, sys.stdin, sys.stdout)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="millimetric",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data-dir", dest="data_dir", help="MILLIMETRIC_DATA_DIR")
+    p.add_argument(
+        "--kafka", dest="kafka_bootstrap_servers", help="MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS"
+    )
+    p.add_argument("--clickhouse-url", dest="clickhouse_url", help="MILLIMETRIC_CLICKHOUSE_URL")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="run the whole pipeline, embedded").set_defaults(run=cmd_dev)
+    gw = sub.add_parser("gateway", help="run the HTTP gateway")
+    gw.add_argument("--host", dest="gateway_host")
+    gw.add_argument("--port", dest="gateway_port", type=int)
+    gw.set_defaults(run=cmd_gateway)
+    sub.add_parser("processor", help="run a processor worker").set_defaults(run=cmd_processor)
+    sub.add_parser("sink", help="run a ClickHouse sink").set_defaults(run=cmd_sink)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys.set_defaults(run=cmd_keys)
+    ks = keys.add_subparsers(dest="keys_command", required=True)
+    create = ks.add_parser("create", help="create a key; prints it alone on the last line")
+    create.add_argument("--project", required=True)
+    create.add_argument("--type", choices=("pk", "sk", "rk"), required=True)
+    create.add_argument("--env", choices=("live", "test"), default="live")
+    create.add_argument(
+        "--origin",
+        action="append",
+        help="allowed Origin for a pk key (repeatable), e.g. https://site.example",
+    )
+    ls = ks.add_parser("list", help="list keys (prefixes only)")
+    ls.add_argument("--project")
+    revoke = ks.add_parser("revoke", help="revoke a key (whole key, or its listed prefix)")
+    revoke.add_argument("key")
+
+    sql = sub.add_parser("sql", help="run a query on the configured ClickHouse, print TSV")
+    sql.add_argument("query")
+    sql.set_defaults(run=cmd_sql)
+
+    classify = sub.add_parser(
+        "classify", help="attribute a visit; JSON lines on stdin without --url"
+    )
+    classify.add_argument("--url")
+    classify.add_argument("--referrer")
+    classify.set_defaults(run=cmd_classify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `millimetric` script."""
+    args = parser().parse_args(argv)
+    settings = _settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return int(args.run(settings, args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

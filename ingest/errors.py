@@ -1,0 +1,105 @@
+"""The error table: every error the API returns, with its status, message and fix.
+
+The gateway answers from this table and the README's error table is checked against it by the
+tests, so code and docs cannot drift. Each code doubles as a metric label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorCode:
+    """One API error: HTTP status, what happened, how to fix it, and the stage that raises it."""
+
+    status: int
+    message: str
+    fix: str
+    stage: str
+
+
+ERROR_CODES: dict[str, ErrorCode] = {
+    "invalid_json": ErrorCode(
+        400, "The body is not valid JSON.", "Send one JSON object, UTF-8 encoded.", "validate"
+    ),
+    "invalid_payload": ErrorCode(
+        400,
+        "The body does not match the endpoint's schema.",
+        "Check `details`: each entry names the field and what is wrong.",
+        "validate",
+    ),
+    "unsupported_media_type": ErrorCode(
+        415,
+        "Content-Type is not application/json.",
+        "Send `Content-Type: application/json` (text/plain is accepted for sendBeacon).",
+        "validate",
+    ),
+    "payload_too_large": ErrorCode(
+        413,
+        "The body is larger than the endpoint accepts.",
+        "Split it: /v1/batch takes up to the configured bytes and events per call.",
+        "validate",
+    ),
+    "missing_api_key": ErrorCode(
+        401,
+        "No `Authorization: Bearer <key>` header.",
+        "Send your key as a Bearer token.",
+        "authenticate",
+    ),
+    "malformed_api_key": ErrorCode(
+        401,
+        "The key does not look like `(pk|sk|rk)_(live|test)_<secret>`.",
+        "Copy the whole key as `millimetric keys create` printed it.",
+        "authenticate",
+    ),
+    "invalid_api_key": ErrorCode(
+        401,
+        "The key is unknown or revoked.",
+        "Create a new key with `millimetric keys create`.",
+        "authenticate",
+    ),
+    "origin_not_allowed": ErrorCode(
+        403,
+        "A pk_ key was used from an Origin that is not on the project's allowlist.",
+        "Add the origin (`millimetric keys create --type pk --origin ...`) or use an sk_ key "
+        "server-side.",
+        "authenticate",
+    ),
+    "read_only_key": ErrorCode(
+        403,
+        "rk_ keys are read-only and cannot send events.",
+        "Use an sk_ (or pk_) key.",
+        "authenticate",
+    ),
+    "forget_requires_secret_key": ErrorCode(
+        403, "/v1/forget needs an sk_ key.", "Call it server-side with an sk_ key.", "authenticate"
+    ),
+    "not_found": ErrorCode(
+        404, "No such endpoint.", "See the endpoint list in the README or /openapi.json.", "route"
+    ),
+    "method_not_allowed": ErrorCode(
+        405, "This endpoint does not take that method.", "Use POST for /v1/* endpoints.", "route"
+    ),
+    "rate_limited": ErrorCode(
+        429,
+        "Too many requests for this project and route.",
+        "Back off for `Retry-After` seconds.",
+        "limit",
+    ),
+    "broker_unavailable": ErrorCode(
+        503,
+        "The event could not be stored durably right now; it was not accepted.",
+        "Retry after `Retry-After` seconds; nothing was recorded.",
+        "publish",
+    ),
+}
+
+
+def markdown_table() -> str:
+    """Render the table as the README shows it."""
+    lines = ["| status | `error` | meaning | fix |", "|---|---|---|---|"]
+    lines += [
+        f"| {e.status} | `{code}` | {e.message} | {e.fix} |" for code, e in ERROR_CODES.items()
+    ]
+    return "\n".join(lines)

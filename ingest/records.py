@@ -1,0 +1,118 @@
+"""Wire records between stages: what travels on the raw and enriched topics.
+
+Records are JSON objects (orjson) with a schema version `v`. Times are epoch milliseconds (UTC).
+TypedDicts cost nothing per event; the gateway has already validated every field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal, NotRequired, TypedDict
+
+import orjson
+
+RAW_SCHEMA_VERSION = 1
+ENRICHED_SCHEMA_VERSION = 1
+
+
+class Context(TypedDict, total=False):
+    """What the gateway saw of the request; lives only on the raw topic."""
+
+    ip: str
+    user_agent: str
+    country: str  # from a trusted edge header, when configured
+
+
+class RawEvent(TypedDict):
+    """An accepted /v1/track, /v1/identify or /v1/batch event, as the gateway published it."""
+
+    v: int
+    type: Literal["track", "identify"]
+    project: str
+    event_id: str
+    event: str
+    timestamp: int
+    received_at: int
+    anonymous_id: str | None
+    user_id: str | None
+    session_id: str | None
+    url: str | None
+    path: str | None
+    referrer: str | None
+    properties: dict[str, Any]
+    traits: NotRequired[dict[str, Any]]
+    context: Context
+
+
+class EnrichedEvent(TypedDict):
+    """A processed event: the raw fields without the IP, plus what the server adds."""
+
+    v: int
+    type: str
+    project: str
+    event_id: str
+    event: str
+    timestamp: int
+    received_at: int
+    anonymous_id: str
+    user_id: str
+    session_id: str
+    url: str
+    path: str
+    referrer: str
+    properties: str  # JSON text, serialized once by the processor
+    source: str
+    medium: str
+    campaign: str
+    channel: str
+    source_confidence: float
+    source_rule_id: str
+    click_id: str
+    click_id_network: str
+    classifier_version: str
+    country: str
+    device_type: str
+    browser: str
+    os: str
+    is_bot: bool
+    ip_hash: str
+
+
+class ForgetRequest(TypedDict):
+    """An accepted /v1/forget."""
+
+    v: int
+    forget_id: str
+    project: str
+    user_id: str | None
+    anonymous_id: str | None
+    suppress: bool
+    received_at: int
+
+
+def record_key(project: str, anonymous_id: str | None, fallback: str) -> bytes:
+    """Partition key: one visitor's events stay in order on one partition."""
+    return f"{project}:{anonymous_id or fallback}".encode()
+
+
+encode = orjson.dumps
+decode = orjson.loads
+
+
+class ApiKeyRecord(TypedDict):
+    """One API key on the keys topic: only its hash is stored, never the key."""
+
+    v: int
+    key_hash: str
+    prefix: str  # e.g. "sk_live_3f9a", safe to show and log
+    project: str
+    kind: Literal["pk", "sk", "rk"]
+    env: Literal["live", "test"]
+    origins: list[str]
+    created_at: int
+    revoked_at: int | None
+
+
+def hash_api_key(raw_key: str) -> str:
+    """SHA-256 of a raw key: keys are random 256-bit secrets, so a plain hash is enough."""
+    return hashlib.sha256(raw_key.encode()).hexdigest()

@@ -1,0 +1,117 @@
+"""Every Kafka topic the pipeline uses, in one table.
+
+Stages look topics up here by role; nothing else spells a topic name. Each stage checks at boot
+that the roles it needs exist in the table (`require`), so adding a topic is one edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """One topic: its name, what its key is, and how it is kept."""
+
+    name: str
+    key: str
+    partitions: int
+    compacted: bool
+    retention_ms: int  # -1 = keep forever
+    about: str
+
+
+DAY_MS = 86_400_000
+
+TOPICS: dict[str, Topic] = {
+    "raw": Topic(
+        "millimetric.raw",
+        "project:anonymous_id",
+        12,
+        False,
+        7 * DAY_MS,
+        "Events as accepted by the gateway (with client IP and User-Agent). The replayable source "
+        "of truth, and the only place a raw IP lives; its retention bounds how long that is.",
+    ),
+    "enriched": Topic(
+        "millimetric.enriched",
+        "project:anonymous_id",
+        12,
+        False,
+        3 * DAY_MS,
+        "Classified and enriched events, no raw IP. The sink writes them to ClickHouse.",
+    ),
+    "dead_letter": Topic(
+        "millimetric.dead-letter",
+        "stage",
+        1,
+        False,
+        30 * DAY_MS,
+        "Records a stage could not decode or ClickHouse refused, with the reason.",
+    ),
+    "keys": Topic(
+        "millimetric.keys",
+        "sha256(api key)",
+        1,
+        True,
+        -1,
+        "API keys (hashes only) and revocations. Every gateway materializes it in memory.",
+    ),
+    "forgets": Topic(
+        "millimetric.forgets",
+        "project:subject",
+        12,
+        False,
+        30 * DAY_MS,
+        "Erasure requests accepted by /v1/forget.",
+    ),
+    "identities": Topic(
+        "millimetric.identities",
+        "project:anonymous_id",
+        12,
+        True,
+        -1,
+        "anonymous_id -> user_id links from /v1/identify, as the processors learned them.",
+    ),
+}
+
+
+def topic(role: str) -> Topic:
+    """Return the topic for a role, failing loudly on an unknown role (a wiring bug)."""
+    try:
+        return TOPICS[role]
+    except KeyError:
+        raise KeyError(f"no topic for role {role!r}; roles: {sorted(TOPICS)}") from None
+
+
+def require(*roles: str) -> list[Topic]:
+    """Boot-time completeness check: every role a stage uses must be in the table."""
+    return [topic(role) for role in roles]
+
+
+async def ensure_topics(
+    bootstrap_servers: str, replication_factor: int = 1, roles: list[str] | None = None
+) -> None:
+    """Create the topics of `roles` (all by default) that do not exist yet, as the table says."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    wanted = require(*(roles or list(TOPICS)))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(t.name, t.partitions, replication_factor, topic_configs=_configs(t))
+            for t in wanted
+            if t.name not in existing
+        ]
+        if new:
+            await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+def _configs(t: Topic) -> dict[str, str]:
+    if t.compacted:
+        return {"cleanup.policy": "compact"}
+    return {"cleanup.policy": "delete", "retention.ms": str(t.retention_ms)}

@@ -1,0 +1,367 @@
+"""Traffic-source classifier: (landing URL, referrer) -> source, medium, campaign and channel.
+
+Pure Python (no Kafka/Faust). The ordered rules live in attribution.toml (GA4's default channel
+groups plus "AI Assistants"), the referring domains in referrers.toml; both are parsed once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any, Literal, NamedTuple
+from urllib.parse import unquote, unquote_plus
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from processors.referrers import REFERRERS_PATH, Category, Referrers, clean_host
+
+ATTRIBUTION_PATH = Path(__file__).with_name("attribution.toml")
+Channel = Literal[
+    "Direct",
+    "Cross-network",
+    "Paid Shopping",
+    "Paid Search",
+    "Paid Social",
+    "Paid Video",
+    "Display",
+    "Paid Other",
+    "Organic Shopping",
+    "Organic Social",
+    "Organic Video",
+    "Organic Search",
+    "Referral",
+    "Email",
+    "Affiliates",
+    "Audio",
+    "SMS",
+    "Mobile Push Notifications",
+    "Unassigned",
+    "AI Assistants",
+]
+_MAX_VALUE = 500  # cap on kept parameter values so a junk URL cannot bloat the output row
+_UTM = ("utm_source", "utm_medium", "utm_campaign")
+# Scheme only when followed by "//", so "example.com:8080/x" is not read as scheme "example.com".
+_AUTHORITY = re.compile(r"\s*(?:([a-zA-Z][\w+.\-]{0,31}):(?=//))?(?://)?([^/?#\\\s]*)")
+_TO_AMP = str.maketrans("?#", "&&")  # fragment params (#utm_source=...) count like query ones
+# RuleSpec fields that are not conditions; every other field names a _Facts value it tests.
+_RULE_META = frozenset({"id", "channel", "confidence", "why"})
+
+
+class RuleSpec(BaseModel):
+    """One attribution rule as written in attribution.toml or passed as a per-project rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(min_length=1)
+    channel: Channel
+    confidence: float = Field(ge=0.0, le=1.0)
+    why: str = Field(min_length=1)
+    source: list[str] | None = None
+    medium: list[str] | None = None
+    source_category: list[Category] | None = None
+    utm_source: list[str] | None = None
+    utm_medium: list[str] | None = None
+    utm_campaign: list[str] | None = None
+    click_network: list[str] | None = None
+    source_regex: str | None = None
+    medium_regex: str | None = None
+    campaign_regex: str | None = None
+    has_utm: bool | None = None
+
+    @field_validator("source_regex", "medium_regex", "campaign_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {value!r}: {exc}") from exc
+        return value
+
+    def has_conditions(self) -> bool:
+        """False for a catch-all rule (no condition at all)."""
+        conditions = type(self).model_fields.keys() - _RULE_META
+        return any(getattr(self, name) is not None for name in conditions)
+
+
+class ClickIdSpec(BaseModel):
+    """A click-id URL parameter, its ad network and the source/medium it implies without utm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    param: str = Field(min_length=1)
+    network: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    medium: str = ""
+
+
+class AttributionFile(BaseModel):
+    """attribution.toml: version, click-id table and ordered rules (the last one a catch-all)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: str = Field(min_length=1)
+    click_ids: list[ClickIdSpec]
+    rules: list[RuleSpec] = Field(min_length=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """Where a visit came from, and which rule said so."""
+
+    source: str
+    medium: str
+    campaign: str
+    channel: str
+    source_confidence: float
+    source_rule_id: str
+    click_id: str
+    click_id_network: str
+    why: str
+
+
+_FIELDS = fields(Classification)
+
+
+class _Facts(NamedTuple):
+    source: str
+    medium: str
+    campaign: str
+    source_category: str
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    click_network: str
+    has_utm: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    spec: RuleSpec
+    sets: tuple[tuple[int, frozenset[str]], ...]  # (_Facts index, allowed lower-cased values)
+    regexes: tuple[tuple[int, re.Pattern[str]], ...]
+
+    @classmethod
+    def compile(cls, spec: RuleSpec) -> _Rule:
+        sets: list[tuple[int, frozenset[str]]] = []
+        regexes: list[tuple[int, re.Pattern[str]]] = []
+        for name in RuleSpec.model_fields:  # declaration order: same check order in every process
+            if name in _RULE_META or name == "has_utm" or (value := getattr(spec, name)) is None:
+                continue
+            if name.endswith("_regex"):  # source_regex tests _Facts.source, and so on
+                index = _Facts._fields.index(name.removesuffix("_regex"))
+                regexes.append((index, re.compile(value, re.IGNORECASE)))
+            else:
+                sets.append(
+                    (_Facts._fields.index(name), frozenset(v.strip().lower() for v in value))
+                )
+        return cls(spec, tuple(sets), tuple(regexes))
+
+    def matches(self, facts: _Facts) -> bool:
+        if self.spec.has_utm is not None and facts.has_utm is not self.spec.has_utm:
+            return False
+        return all(facts[i] in allowed for i, allowed in self.sets) and all(
+            pattern.search(facts[i]) is not None for i, pattern in self.regexes
+        )
+
+
+class RuleError(ValueError):
+    """A rule (built-in or per-project) failed validation."""
+
+
+@lru_cache(maxsize=4)
+def load_attribution(path: Path = ATTRIBUTION_PATH) -> AttributionFile:
+    """Parse and validate attribution.toml once per path; RuleError names the bad rule."""
+    try:
+        raw = tomllib.loads(path.read_text("utf-8"))
+        return AttributionFile.model_validate(raw)
+    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise RuleError(f"{path.name}: {exc}") from exc
+
+
+@lru_cache(maxsize=4)
+def _referrers(path: Path) -> Referrers:
+    return Referrers(path)  # shared by every Classifier, so per-project ones reuse the host memo
+
+
+CLASSIFIER_VERSION: str = load_attribution().version
+
+
+def _extract(url: str, wanted: frozenset[str]) -> dict[str, str]:
+    """First non-empty value of each wanted parameter in the query or the #fragment."""
+    out: dict[str, str] = {}
+    if "?" not in url and "#" not in url:
+        if "%" not in url:
+            return out
+        url = unquote(url)  # a fully percent-encoded URL hides its "?" as %3F
+    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=-1)
+    if cut < 0:
+        return out
+    for piece in url[cut + 1 :].translate(_TO_AMP).split("&"):
+        key, eq, value = piece.partition("=")
+        if not eq:
+            continue
+        key = key.strip().lower()
+        if "%" in key or "+" in key:
+            key = unquote_plus(key).strip().lower()
+        key = key.removeprefix("amp;")  # HTML-escaped "&amp;" separators
+        if key in wanted and key not in out:
+            if "%" in value or "+" in value:
+                value = unquote_plus(value)
+            if value := value.strip()[:_MAX_VALUE]:
+                out[key] = value
+    return out
+
+
+class Classifier:
+    """Classifies (landing URL, referrer) pairs; per-project rules run before the built-ins."""
+
+    def __init__(
+        self,
+        extra_rules: Sequence[Mapping[str, Any]] = (),
+        *,
+        rules_path: Path = ATTRIBUTION_PATH,
+        referrers_path: Path = REFERRERS_PATH,
+    ) -> None:
+        """Load the tables (cached per path) and validate extra_rules; raise RuleError if bad."""
+        table = load_attribution(rules_path)
+        if table.rules[-1].has_conditions():
+            raise RuleError(f"{rules_path.name}: the last rule must be a catch-all")
+        specs: list[RuleSpec] = []
+        for i, raw in enumerate(extra_rules):
+            label = f"extra rule #{i} ({dict(raw).get('id', '?')!r})"
+            try:
+                spec = RuleSpec.model_validate(dict(raw))
+            except ValidationError as exc:
+                raise RuleError(f"{label}: {exc}") from exc
+            if not spec.has_conditions():
+                raise RuleError(f"{label}: has no condition, it would match every visit")
+            specs.append(spec)
+        specs.extend(table.rules)
+        if len({s.id for s in specs}) != len(specs):
+            raise RuleError("rule ids must be unique across extra and built-in rules")
+        self.version = table.version
+        self._rules = tuple(_Rule.compile(s) for s in specs)
+        self._refs = _referrers(referrers_path)
+        self._clicks = table.click_ids
+        self._click_categories = {c.param: self._category(c.source) for c in self._clicks}
+        self._wanted = frozenset((*_UTM, *(c.param for c in self._clicks)))
+        # Resolved facts repeat far more than raw URLs do: memoise rule choice and why text.
+        self._decide = lru_cache(maxsize=65536)(self._decide_uncached)
+
+    def _decide_uncached(
+        self, facts: _Facts, origin: str, click_param: str
+    ) -> tuple[RuleSpec, str]:
+        rule = next(r for r in self._rules if r.matches(facts)).spec  # built-ins end in catch-all
+        category = f", {facts.source_category}" if facts.source_category else ""
+        why = (
+            f"{rule.why} Inputs: source={facts.source!r} ({origin}{category}),"
+            f" medium={facts.medium!r}"
+            f"{f', campaign={facts.campaign!r}' if facts.campaign else ''}"
+            f"{f', click id {click_param} ({facts.click_network})' if click_param else ''}."
+        )
+        return rule, why
+
+    def _category(self, source: str) -> str:
+        known = self._refs.lookup_source(source)
+        return known.category if known else ""
+
+    def classify(self, url: str | None, referrer: str | None) -> Classification:
+        """Classify one visit; never raises on junk input (non-strings count as missing)."""
+        url = url if isinstance(url, str) else ""
+        referrer = referrer if isinstance(referrer, str) else ""
+        params = _extract(url, self._wanted)
+        # Table order decides when several ids are present (gclid before gad_source).
+        click = next((c for c in self._clicks if c.param in params), None) if params else None
+        utm_source, utm_medium, utm_campaign = (params.get(k, "") for k in _UTM)
+        has_utm = bool(utm_source or utm_medium or utm_campaign)
+        ref = None
+        if referrer:
+            scheme, authority = _AUTHORITY.match(referrer).groups()  # type: ignore[union-attr]
+            ref = self._refs.resolve((scheme or "").lower(), authority)
+        internal = ""
+        if ref is not None:  # same host as the landing page (ignoring www.) is no source
+            landing = _AUTHORITY.match(url).group(2)  # type: ignore[union-attr]
+            if ref.host == clean_host(landing):
+                ref, internal = None, "; internal referrer ignored"
+        if has_utm:  # utm always beats the referrer and click ids (GA4 manual tagging)
+            source, medium = utm_source.lower() or "(not set)", utm_medium.lower() or "(not set)"
+            category, origin = self._category(source) if utm_source else "", "utm"
+        elif click is not None and click.medium:  # e.g. gclid: proof of an ad click
+            source, medium, origin = click.source, click.medium, f"click id {click.param}"
+            category = self._click_categories[click.param]
+        elif ref is not None:
+            source, category, origin = ref.source, ref.category, ref.origin
+            medium = "organic" if category == "search" else "referral"
+        elif click is not None:  # e.g. fbclid with a stripped referrer: still that network
+            source, medium, origin = click.source, "referral", f"click id {click.param}"
+            category = self._click_categories[click.param]
+        else:
+            source, medium, category, origin = "(direct)", "(none)", "", "no referrer"
+        facts = _Facts(
+            source,
+            medium,
+            utm_campaign,
+            category,
+            utm_source.lower(),
+            utm_medium.lower(),
+            utm_campaign.lower(),
+            click.network if click else "",
+            has_utm,
+        )
+        rule, why = self._decide(facts, origin + internal, click.param if click else "")
+        return Classification(
+            source=source,
+            medium=medium,
+            campaign=utm_campaign,
+            channel=rule.channel,
+            source_confidence=rule.confidence,
+            source_rule_id=rule.id,
+            click_id=params[click.param] if click else "",
+            click_id_network=click.network if click else "",
+            why=why,
+        )
+
+    def as_dict(self, c: Classification) -> dict[str, Any]:
+        """JSON-ready dict of a Classification plus classifier_version."""
+        out: dict[str, Any] = {f.name: getattr(c, f.name) for f in _FIELDS}
+        out["classifier_version"] = self.version
+        return out
+
+
+@lru_cache(maxsize=1)
+def default_classifier() -> Classifier:
+    """The process-wide classifier with only the built-in rules."""
+    return Classifier()
+
+
+def run_classify_cli(url: str | None, referrer: str | None, stdin: IO[str], stdout: IO[str]) -> int:
+    """`millimetric classify`: one JSON result for --url, else one per JSON line of stdin.
+
+    A bad stdin line yields {"error": ..., "line": n} in its place; returns 1 if any line
+    was bad, else 0.
+    """
+    clf = default_classifier()
+    if url is not None:
+        stdout.write(json.dumps(clf.as_dict(clf.classify(url, referrer))))
+        stdout.write("\n")
+        return 0
+    status = 0
+    for n, line in enumerate(stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict):
+                raise ValueError("expected a JSON object with url and referrer")
+            url_in, ref_in = item.get("url"), item.get("referrer")
+            if not all(v is None or isinstance(v, str) for v in (url_in, ref_in)):
+                raise ValueError("url and referrer must be strings or null")
+            result: dict[str, Any] = clf.as_dict(clf.classify(url_in, ref_in))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError; absurdly nested JSON
+            result, status = {"error": str(exc), "line": n}, 1
+        stdout.write(json.dumps(result))  # ASCII escapes: lone surrogates stay writable
+        stdout.write("\n")
+    return status

@@ -1,0 +1,169 @@
+"""The sink: consume enriched events, insert them in batches, commit only what ClickHouse took.
+
+While ClickHouse refuses, the sink pauses its partitions (so it keeps its group membership but
+reads nothing more: backpressure, bounded memory) and retries with capped exponential backoff.
+Offsets are committed only after an insert succeeded; a crash re-reads at most the open batch,
+and the events table collapses the repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+
+from ingest.records import decode, encode
+from ingest.settings import Settings
+from ingest.topics import ensure_topics, require
+from sinks.batch import EventBatch
+from sinks.clickhouse import ClickHouse, connect
+from sinks.clickhouse_writer import EventWriter
+from sinks.migrate import migrate
+from sinks.sql_endpoint import serve as serve_sql
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "millimetric-sink"
+
+
+class _FlushOnRevoke(ConsumerRebalanceListener):
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._sink.flush()  # commit what we hold while the partitions are still ours
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        return None
+
+
+class Sink:
+    """One sink instance; several share the topic's partitions through the consumer group."""
+
+    def __init__(self, settings: Settings, bootstrap: str, ch: ClickHouse) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.ch = ch
+        self.writer = EventWriter(ch)
+        self.enriched, self.dead_letter = require("enriched", "dead_letter")
+        self.batch = EventBatch()
+        self._lock = asyncio.Lock()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=GROUP_ID,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=settings.kafka_idempotence
+        )
+        self.inserted = 0
+
+    async def start(self) -> None:
+        """Apply migrations, create topics, join the consumer group."""
+        await asyncio.to_thread(migrate, self.ch)
+        await ensure_topics(
+            self.bootstrap, self.settings.kafka_replication_factor, ["enriched", "dead_letter"]
+        )
+        await self.producer.start()
+        self.consumer.subscribe([self.enriched.name], listener=_FlushOnRevoke(self))
+        await self.consumer.start()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume and insert until `stop` is set, then flush and commit the open batch."""
+        s = self.settings
+        while not stop.is_set():
+            wait = s.sink_batch_seconds - self.batch.age() if self.batch.rows else 0.5
+            fetched = await self.consumer.getmany(
+                timeout_ms=max(1, int(wait * 1000)),
+                max_records=max(1, s.sink_batch_rows - self.batch.rows),
+            )
+            for tp, messages in fetched.items():
+                for message in messages:
+                    await self._add(tp, message.offset, message.value)
+            full = self.batch.rows >= s.sink_batch_rows
+            if (
+                full
+                or self.batch.age() >= s.sink_batch_seconds
+                or (self.batch.next_offsets and not self.batch.rows)
+            ):
+                await self.flush()
+        await self.flush()
+
+    async def _add(self, tp: TopicPartition, offset: int, value: bytes | None) -> None:
+        try:
+            self.batch.add(decode(value or b""))
+        except Exception as error:  # poison record: keep it, with the reason, and move on
+            await self.producer.send_and_wait(
+                self.dead_letter.name,
+                key=b"sink",
+                value=encode(
+                    {
+                        "stage": "sink",
+                        "reason": f"undecodable: {error!r}",
+                        "topic": tp.topic,
+                        "partition": tp.partition,
+                        "offset": offset,
+                        "record": (value or b"").decode("utf-8", "replace"),
+                    }
+                ),
+            )
+        self.batch.consumed(tp, offset)
+
+    async def flush(self) -> None:
+        """Insert the open batch (retrying while ClickHouse refuses), then commit its offsets."""
+        async with self._lock:
+            batch, self.batch = self.batch, EventBatch()
+            if batch.rows:
+                await self._insert_with_retry(batch)
+                self.inserted += batch.rows
+            owned = self.consumer.assignment()
+            batch.drop_partitions({tp for tp in batch.next_offsets if tp not in owned})
+            if batch.next_offsets:
+                await self.consumer.commit(batch.next_offsets)
+
+    async def _insert_with_retry(self, batch: EventBatch) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await asyncio.to_thread(self.writer.insert, batch)
+                return
+            except Exception as error:
+                log.warning(
+                    "insert of %d rows failed (%r); retrying in %.1fs", batch.rows, error, delay
+                )
+                paused = self.consumer.assignment()
+                self.consumer.pause(*paused)
+                try:
+                    # Polling while paused keeps the group membership alive during the outage.
+                    await self.consumer.getmany(timeout_ms=int(delay * 1000))
+                finally:
+                    self.consumer.resume(*paused)
+                delay = min(delay * 2, self.settings.sink_retry_max_s)
+
+    async def stop(self) -> None:
+        """Leave the group and disconnect."""
+        await self.consumer.stop()
+        await self.producer.stop()
+
+
+async def serve(settings: Settings, bootstrap: str) -> None:
+    """Run one sink until SIGINT/SIGTERM; flush and commit before exiting."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ch = await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+    sink = Sink(settings, bootstrap, ch)
+    await sink.start()
+    log.info("sink writing to %s", ch.description)
+    extra = [] if settings.clickhouse_url else [serve_sql(ch, settings.data_dir, stop)]
+    try:
+        await asyncio.gather(sink.run(stop), *extra)
+    finally:
+        await sink.stop()
+        ch.close()

@@ -1,0 +1,157 @@
+"""ClickHouse connections: a server through clickhouse-driver, or the embedded chdb engine.
+
+Both expose the same small surface (execute, query as TSV, columnar insert) plus `features`, what
+the server version supports, so the schema and writer degrade by version explicitly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+# Feature -> first server version that has it. The Debian 18.16 server lacks all of these.
+FEATURE_VERSIONS: dict[str, tuple[int, int]] = {
+    "datetime64": (20, 1),
+    "low_cardinality": (19, 9),  # earlier: behind allow_experimental_low_cardinality_type
+    "codecs": (19, 10),
+    "ttl": (19, 6),
+    "lightweight_delete": (22, 8),
+    "insert_deduplication_token": (22, 2),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What the connected server supports, from its version."""
+
+    version: tuple[int, int]
+
+    def has(self, feature: str) -> bool:
+        """Whether the server version has `feature` (a key of FEATURE_VERSIONS)."""
+        return self.version >= FEATURE_VERSIONS[feature]
+
+
+class ClickHouse(Protocol):
+    """What the sink, the migrations and `millimetric sql` need of a ClickHouse."""
+
+    features: Features
+    description: str
+
+    def execute(self, sql: str) -> None: ...
+    def query_tsv(self, sql: str) -> str: ...
+    def insert_columns(
+        self, table: str, columns: Sequence[str], data: Sequence[list[Any]], select: Sequence[str]
+    ) -> None: ...
+    def close(self) -> None: ...
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.strip().split(".")[:2]
+    return int(major), int(minor)
+
+
+class ServerClickHouse:
+    """A ClickHouse server over the native protocol (clickhouse-driver)."""
+
+    def __init__(self, url: str) -> None:
+        from clickhouse_driver import Client
+
+        parsed = urlparse(url)
+        self.database = parsed.path.lstrip("/") or "default"
+        self.description = f"clickhouse://{parsed.hostname}:{parsed.port or 9000}/{self.database}"
+        bootstrap = Client(
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 9000,
+            user=unquote(parsed.username or "default"),
+            password=unquote(parsed.password or ""),
+        )
+        bootstrap.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        bootstrap.disconnect()
+        self._client = Client(
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 9000,
+            user=unquote(parsed.username or "default"),
+            password=unquote(parsed.password or ""),
+            database=self.database,
+            send_receive_timeout=60,
+            connect_timeout=5,
+        )
+        self.features = Features(_version(self._client.execute("SELECT version()")[0][0]))
+
+    def execute(self, sql: str) -> None:
+        """Run a statement."""
+        self._client.execute(sql)
+
+    def query_tsv(self, sql: str) -> str:
+        """Run a query and return its rows tab-separated, one per line."""
+        rows = self._client.execute(sql)
+        return "".join("\t".join(_tsv(v) for v in row) + "\n" for row in rows)
+
+    def insert_columns(
+        self, table: str, columns: Sequence[str], data: Sequence[list[Any]], select: Sequence[str]
+    ) -> None:
+        """One columnar insert over the native protocol (`select` is for chdb only)."""
+        self._client.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES",
+            list(data),
+            columnar=True,
+            types_check=False,
+        )
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+
+
+def _tsv(value: Any) -> str:
+    text = str(value)
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+class EmbeddedClickHouse:
+    """The chdb engine in this process, with its data in a directory (one process at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        from chdb import session
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.description = f"embedded chdb at {path}"
+        self._session = session.Session(str(path))
+        self._lock = threading.Lock()  # one statement at a time per session
+        self.features = Features(_version(self.query_tsv("SELECT version()")))
+
+    def execute(self, sql: str) -> None:
+        """Run a statement."""
+        with self._lock:
+            self._session.query(sql)
+
+    def query_tsv(self, sql: str) -> str:
+        """Run a query and return its rows tab-separated, one per line."""
+        with self._lock:
+            return str(self._session.query(sql, "TabSeparated"))
+
+    def insert_columns(
+        self, table: str, columns: Sequence[str], data: Sequence[list[Any]], select: Sequence[str]
+    ) -> None:
+        """One columnar insert: chdb reads the Python lists in place through Python()."""
+        frame = dict(zip(columns, data, strict=True))  # noqa: F841 - read by name by Python(frame)
+        with self._lock:
+            self._session.query(
+                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(select)} "
+                "FROM Python(frame)"
+            )
+
+    def close(self) -> None:
+        """Release the data directory."""
+        self._session.close()
+
+
+def connect(url: str | None, data_dir: Path) -> ClickHouse:
+    """The configured ClickHouse: a server when `url` is set, else chdb in `data_dir`."""
+    if url:
+        return ServerClickHouse(url)
+    return EmbeddedClickHouse(data_dir / "clickhouse")

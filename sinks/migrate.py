@@ -1,0 +1,70 @@
+"""Schema migrations: numbered SQL files, applied once each, in order, recorded in ClickHouse.
+
+Files are templates: `$NAME` placeholders take the type or clause the server version supports
+(the table below), so one migration serves current ClickHouse and the Debian 18.16 server.
+Every statement is idempotent (IF NOT EXISTS), so a migration interrupted half-way is re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from string import Template
+
+from sinks.clickhouse import ClickHouse, Features
+
+log = logging.getLogger(__name__)
+
+LEDGER = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations "
+    "(version UInt32, name String, applied_at DateTime DEFAULT now()) "
+    "ENGINE = ReplacingMergeTree ORDER BY version"
+)
+
+
+def placeholders(features: Features) -> dict[str, str]:
+    """What each template placeholder becomes on this server."""
+    modern_time = features.has("datetime64")
+    return {
+        "LC_STRING": "LowCardinality(String)" if features.has("low_cardinality") else "String",
+        "TIME": "DateTime64(3, 'UTC')" if modern_time else "DateTime('UTC')",
+        # Without DateTime64 the milliseconds go to their own columns: degraded, not lost.
+        "TIME_MS_COLUMNS": ""
+        if modern_time
+        else ",\n    timestamp_ms UInt16,\n    received_at_ms UInt16",
+        "ZSTD": " CODEC(ZSTD(3))" if features.has("codecs") else "",
+    }
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, template text) of every migration shipped, in order."""
+    folder = resources.files("sinks") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        if match := re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name):
+            found.append((int(match[1]), match[2], entry.read_text()))
+    return sorted(found)
+
+
+def statements(template: str, features: Features) -> list[str]:
+    """The statements of one migration, rendered for this server."""
+    sql = Template(template).substitute(placeholders(features))
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+def migrate(ch: ClickHouse) -> list[int]:
+    """Apply every migration not applied yet; return the versions applied now."""
+    ch.execute(LEDGER)
+    done = {int(v) for v in ch.query_tsv("SELECT version FROM schema_migrations").split()}
+    applied = []
+    for version, name, template in migrations():
+        if version in done:
+            continue
+        for statement in statements(template, ch.features):
+            ch.execute(statement)
+        ch.execute(f"INSERT INTO schema_migrations (version, name) VALUES ({version}, '{name}')")
+        log.info("applied migration %04d_%s", version, name)
+        applied.append(version)
+    return applied
