@@ -126,7 +126,13 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
             sys.exit(f"millimetric sql: {error.read().decode()}")
         except OSError:
             pass  # a stale endpoint file: no sink runs, open the store directly
-    ch = connect(settings.clickhouse_url, settings.data_dir)
+    try:
+        ch = connect(settings.clickhouse_url, settings.data_dir)
+    except RuntimeError as error:
+        sys.exit(
+            f"millimetric sql: cannot open the embedded store in {settings.data_dir} "
+            f"(another process may hold it and is not serving queries yet): {error}"
+        )
     try:
         sys.stdout.write(ch.query_tsv(args.query))
     except Exception as error:

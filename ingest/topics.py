@@ -115,3 +115,12 @@ def _configs(t: Topic) -> dict[str, str]:
     if t.compacted:
         return {"cleanup.policy": "compact"}
     return {"cleanup.policy": "delete", "retention.ms": str(t.retention_ms)}
+
+
+def markdown_table() -> str:
+    """Render the topics as the README shows them."""
+    lines = ["| topic | key | partitions | kept | holds |", "|---|---|---|---|---|"]
+    for t in TOPICS.values():
+        kept = "compacted" if t.compacted else f"{t.retention_ms // DAY_MS} days"
+        lines.append(f"| `{t.name}` | {t.key} | {t.partitions} | {kept} | {t.about} |")
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -108,6 +109,8 @@ class ServerClickHouse:
 
 
 def _tsv(value: Any) -> str:
+    if isinstance(value, datetime):  # as ClickHouse prints it: no offset, server time zone
+        value = value.replace(tzinfo=None).isoformat(sep=" ")
     text = str(value)
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 

@@ -64,7 +64,10 @@ def migrate(ch: ClickHouse) -> list[int]:
             continue
         for statement in statements(template, ch.features):
             ch.execute(statement)
-        ch.execute(f"INSERT INTO schema_migrations (version, name) VALUES ({version}, '{name}')")
+        # Data goes as columns: old servers hang on inline VALUES sent through the native driver.
+        ch.insert_columns(
+            "schema_migrations", ["version", "name"], [[version], [name]], ["version", "name"]
+        )
         log.info("applied migration %04d_%s", version, name)
         applied.append(version)
     return applied

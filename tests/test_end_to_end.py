@@ -1,0 +1,173 @@
+"""HTTP in -> row in ClickHouse, through the real broker and real stage processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ingest.dev import free_port
+from tests.services import Pipeline
+
+# The spec's "Track a single event" body (millimetric-track.SKILL.md), verbatim.
+SPEC_TRACK = {
+    "event": "signup",
+    "anonymous_id": "u_abc",
+    "user_id": "user_42",
+    "url": "https://yoursite.com/?utm_source=facebook&utm_medium=cpc&fbclid=abc",
+    "properties": {"plan": "free"},
+}
+
+
+@pytest.fixture(params=["chdb", "server"])
+def pipeline(
+    request: pytest.FixtureRequest, fresh_broker: str, data_dir: Path
+) -> Iterator[Pipeline]:
+    """The pipeline on the embedded chdb store, and on the real ClickHouse server."""
+    url = request.getfixturevalue("ch_url") if request.param == "server" else None
+    p = Pipeline(fresh_broker, url, data_dir).start()
+    yield p
+    p.stop()
+
+
+def test_track_lands_classified_and_enriched(pipeline: Pipeline) -> None:
+    response = pipeline.post(
+        "/v1/track",
+        SPEC_TRACK,
+    )
+    assert response.status_code == 202
+    body = response.json()
+    assert body["ok"] is True and len(body["event_id"]) >= 16
+    row = pipeline.wait_for(
+        "SELECT event, user_id, event_id, source, medium, channel, click_id_network, properties "
+        "FROM events",
+        f"signup\tuser_42\t{body['event_id']}\tfacebook\tcpc\tPaid Social\tfacebook\t"
+        '{"plan":"free"}\n',
+    )
+    assert row
+    session = pipeline.sql("SELECT session_id, length(ip_hash) FROM events").split()
+    assert session[0].startswith("u_abc-") and session[1] == "32"
+
+
+def test_fabricated_ids_and_timestamps(pipeline: Pipeline) -> None:
+    r = pipeline.post(
+        "/v1/batch",
+        {
+            "events": [
+                {"event": "a", "timestamp": "2026-05-16T19:00:00.123Z"},
+                {"event": "b", "user_id": "u1", "session_id": "s-1"},
+            ]
+        },
+    )
+    assert r.status_code == 202, r.text
+    ids = r.json()["event_ids"]
+    pipeline.wait_for("SELECT count() FROM events", "2\n")
+    a = pipeline.sql(f"SELECT anonymous_id, session_id FROM events WHERE event_id = '{ids[0]}'")
+    anonymous_id, session_id = a.split()
+    assert len(anonymous_id) == 36 and session_id.startswith(anonymous_id + "-")
+    b = pipeline.sql(f"SELECT user_id, session_id FROM events WHERE event_id = '{ids[1]}'")
+    assert b == "u1\ts-1\n"
+    if pipeline.clickhouse_url is None:  # DateTime64 on current ClickHouse
+        ts = pipeline.sql(f"SELECT timestamp FROM events WHERE event_id = '{ids[0]}'")
+        assert ts == "2026-05-16 19:00:00.123\n"
+    else:  # the 18.16 server: seconds plus a milliseconds column
+        ts = pipeline.sql(f"SELECT timestamp, timestamp_ms FROM events WHERE event_id = '{ids[0]}'")
+        assert ts == "2026-05-16 19:00:00\t123\n"
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ingest.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_dev_command_as_the_readme_shows(tmp_path: Path) -> None:
+    """`millimetric dev`, then keys create, the spec's curl, and `millimetric sql`; twice, with a
+    restart between, to show keys and rows survive it."""
+    port = free_port()
+    env = {**os.environ, "MILLIMETRIC_GATEWAY_PORT": str(port)}
+    env.pop("MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS", None)
+    key = ""
+    for round_ in (1, 2):
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "ingest.cli", "dev"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not (tmp_path / ".millimetric" / "dev.json").exists():
+                assert time.monotonic() < deadline, "dev did not start"
+                time.sleep(0.2)
+            if round_ == 1:
+                created = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "ingest.cli",
+                        "keys",
+                        "create",
+                        "--project",
+                        "demo",
+                        "--type",
+                        "sk",
+                    ],
+                    cwd=tmp_path,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert created.returncode == 0, created.stderr
+                key = created.stdout.strip().splitlines()[-1]
+                assert key.startswith("sk_live_")
+            body = {**SPEC_TRACK, "event": f"signup_{round_}"}
+            status = 0
+            while time.monotonic() < deadline and status != 202:
+                try:
+                    status = httpx.post(
+                        f"http://localhost:{port}/v1/track",
+                        json=body,
+                        headers={"Authorization": f"Bearer {key}"},
+                    ).status_code
+                except httpx.HTTPError:
+                    time.sleep(0.3)
+                else:
+                    if status != 202:
+                        time.sleep(0.3)
+            assert status == 202
+            expected = "".join(f"signup_{i}\tuser_42\n" for i in range(1, round_ + 1))
+            out = ""
+            while time.monotonic() < deadline + 30 and out != expected:
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "ingest.cli",
+                        "sql",
+                        "SELECT event, user_id FROM events ORDER BY event",
+                    ],
+                    cwd=tmp_path,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                ).stdout
+                time.sleep(0.5)
+            assert out == expected
+        finally:
+            dev.send_signal(signal.SIGINT)
+            dev.wait(60)
