@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     sink_retry_max_s: float = Field(
         30.0, description="Cap of the sink's exponential backoff while ClickHouse refuses."
     )
+    retention_days: int | None = Field(
+        None,
+        description="Days `events` keeps rows (a TTL, on servers that have TTL); unset: "
+        "forever. Aggregates are kept.",
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     def ip_salt_value(self) -> bytes:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
@@ -19,9 +20,9 @@ from ingest.records import decode, encode
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 from sinks.batch import EventBatch
-from sinks.clickhouse import ClickHouse, connect
+from sinks.clickhouse import ClickHouse, connect, is_content_error
 from sinks.clickhouse_writer import EventWriter
-from sinks.migrate import migrate
+from sinks.migrate import apply_retention, migrate
 from sinks.sql_endpoint import serve as serve_sql
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Sink:
     async def start(self) -> None:
         """Apply migrations, create topics, join the consumer group."""
         await asyncio.to_thread(migrate, self.ch)
+        log.info(await asyncio.to_thread(apply_retention, self.ch, self.settings.retention_days))
         await ensure_topics(
             self.bootstrap, self.settings.kafka_replication_factor, ["enriched", "dead_letter"]
         )
@@ -119,20 +121,49 @@ class Sink:
         async with self._lock:
             batch, self.batch = self.batch, EventBatch()
             if batch.rows:
-                await self._insert_with_retry(batch)
+                await self._write(batch)
                 self.inserted += batch.rows
             owned = self.consumer.assignment()
             batch.drop_partitions({tp for tp in batch.next_offsets if tp not in owned})
             if batch.next_offsets:
                 await self.consumer.commit(batch.next_offsets)
 
+    async def _write(self, batch: EventBatch) -> None:
+        """Insert a batch; rows ClickHouse refuses for their content go to the dead-letter topic.
+
+        A refused batch is halved until the refused rows stand alone, so one bad row costs
+        log2(batch) extra inserts and never blocks the partition. Halves already inserted when a
+        later one fails are harmless: the tables collapse repeats.
+        """
+        parts = [batch]
+        while parts:
+            part = parts.pop()
+            try:
+                await self._insert_with_retry(part)
+            except Exception as error:
+                if part.rows > 1:
+                    parts.extend(reversed(part.split()))
+                    continue
+                await self._dead_letter(part.row(0), f"clickhouse refused: {error}")
+
+    async def _dead_letter(self, record: dict[str, Any], reason: str) -> None:
+        await self.producer.send_and_wait(
+            self.dead_letter.name,
+            key=b"sink",
+            value=encode({"stage": "sink", "reason": reason, "record": record}),
+        )
+        log.warning("dead-lettered event %s: %s", record.get("event_id"), reason)
+
     async def _insert_with_retry(self, batch: EventBatch) -> None:
+        """Insert, retrying transient failures with capped backoff; raise content refusals."""
         delay = 0.2
         while True:
             try:
                 await asyncio.to_thread(self.writer.insert, batch)
                 return
             except Exception as error:
+                if is_content_error(error):
+                    raise
                 log.warning(
                     "insert of %d rows failed (%r); retrying in %.1fs", batch.rows, error, delay
                 )
@@ -151,13 +182,24 @@ class Sink:
         await self.producer.stop()
 
 
+async def _connect(settings: Settings, attempts: int = 60) -> ClickHouse:
+    """Connect, waiting while the server is down or another process briefly holds the store."""
+    for _ in range(attempts - 1):
+        try:
+            return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+        except Exception as error:
+            log.warning("ClickHouse not available yet (%s); retrying", error)
+            await asyncio.sleep(1)
+    return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+
+
 async def serve(settings: Settings, bootstrap: str) -> None:
     """Run one sink until SIGINT/SIGTERM; flush and commit before exiting."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    ch = await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+    ch = await _connect(settings)
     sink = Sink(settings, bootstrap, ch)
     await sink.start()
     log.info("sink writing to %s", ch.description)

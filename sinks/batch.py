@@ -66,6 +66,20 @@ class EventBatch:
             append(value)
         self.rows += 1
 
+    def split(self) -> tuple[EventBatch, EventBatch]:
+        """Two halves of the rows (offsets stay with the caller's batch): to find a bad row."""
+        half = self.rows // 2
+        halves = (EventBatch(), EventBatch())
+        for part, rows in zip(halves, (slice(0, half), slice(half, self.rows)), strict=True):
+            for name, values in self.columns.items():
+                part.columns[name].extend(values[rows])
+            part.rows = len(part.columns[EVENT_FIELDS[0]])
+        return halves
+
+    def row(self, index: int) -> dict[str, Any]:
+        """One row as a record (for the dead-letter topic)."""
+        return {name: values[index] for name, values in self.columns.items()}
+
     def consumed(self, tp: TopicPartition, offset: int) -> None:
         """Record that everything up to `offset` of `tp` is in this batch (or dead-lettered)."""
         self.next_offsets[tp] = offset + 1

@@ -6,6 +6,8 @@ the server version supports, so the schema and writer degrade by version explici
 
 from __future__ import annotations
 
+import re
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +25,38 @@ FEATURE_VERSIONS: dict[str, tuple[int, int]] = {
     "lightweight_delete": (22, 8),
     "insert_deduplication_token": (22, 2),
 }
+
+
+# Server error codes that mean "this data is wrong": retrying cannot help, the rows go to the
+# dead-letter topic. Everything else (connection loss, timeouts, too many parts, memory) is
+# retried with backoff.
+CONTENT_ERROR_CODES: dict[int, str] = {
+    6: "CANNOT_PARSE_TEXT",
+    27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+    38: "CANNOT_PARSE_DATE",
+    41: "CANNOT_PARSE_DATETIME",
+    43: "ILLEGAL_TYPE_OF_ARGUMENT",
+    53: "TYPE_MISMATCH",
+    69: "ARGUMENT_OUT_OF_BOUND",
+    70: "CANNOT_CONVERT_TYPE",
+    72: "CANNOT_PARSE_NUMBER",
+    117: "INCORRECT_DATA",
+    321: "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+    386: "NO_COMMON_TYPE",
+    800: "PY_EXCEPTION_OCCURED",  # chdb: a Python value its column cannot hold
+}
+# Client-side failures to encode a value are content errors too.
+CONTENT_EXCEPTIONS = (TypeError, ValueError, OverflowError, struct.error)
+
+
+def is_content_error(error: BaseException) -> bool:
+    """Whether ClickHouse (or the driver) refused the data itself, not the moment."""
+    code = getattr(error, "code", None)
+    if code is None and (match := re.search(r"Code: (\d+)", str(error))):
+        code = int(match[1])  # chdb reports server codes in the message text
+    if code is not None:
+        return code in CONTENT_ERROR_CODES
+    return isinstance(error, CONTENT_EXCEPTIONS)
 
 
 @dataclass(frozen=True, slots=True)

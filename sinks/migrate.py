@@ -71,3 +71,16 @@ def migrate(ch: ClickHouse) -> list[int]:
         log.info("applied migration %04d_%s", version, name)
         applied.append(version)
     return applied
+
+
+def apply_retention(ch: ClickHouse, days: int | None) -> str:
+    """Set (or clear) the events TTL; returns what was done, for the start-up log."""
+    if days is None:
+        return "retention: events are kept until deleted"
+    if not ch.features.has("ttl"):
+        return (
+            f"retention: this server has no TTL; drop old partitions of events yourself "
+            f"(wanted {days} days)"
+        )
+    ch.execute(f"ALTER TABLE events MODIFY TTL toDateTime(timestamp) + INTERVAL {int(days)} DAY")
+    return f"retention: events older than {days} days are dropped (TTL)"

@@ -187,14 +187,15 @@ class Pipeline:
         self.stages = {name: Stage(name, env, root) for name in ("sink", "processor", "gateway")}
         self.key = ""
 
-    def start(self) -> Pipeline:
-        """Start every stage, create a key, wait until the gateway is ready."""
+    def start(self, *names: str) -> Pipeline:
+        """Start the stages (all by default); with the gateway, create a key and wait for it."""
         from gateway.key_admin import create_key
 
-        for stage in self.stages.values():
-            stage.start()
-        self.key = asyncio.run(create_key(self.bootstrap, "demo", "sk", "live", []))
-        self.wait_ready()
+        for name in names or tuple(self.stages):
+            self.stages[name].start()
+        if "gateway" in (names or self.stages):
+            self.key = asyncio.run(create_key(self.bootstrap, "demo", "sk", "live", []))
+            self.wait_ready()
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -245,3 +246,15 @@ class Pipeline:
         """Stop every stage gracefully, front to back."""
         for name in ("gateway", "processor", "sink"):
             self.stages[name].stop()
+
+    def counts(self) -> tuple[int, int, int]:
+        """Distinct events as `events`, `daily_rollup` and `sessions` each count them."""
+        out = self.sql(
+            "SELECT (SELECT count() FROM events FINAL), "
+            "(SELECT sum(c) FROM (SELECT uniqExactMerge(events) AS c FROM daily_rollup "
+            " GROUP BY project, day, event, source, medium, channel)), "
+            "(SELECT sum(c) FROM (SELECT uniqExactMerge(events) AS c FROM sessions "
+            " GROUP BY project, session_id))"
+        )
+        events, rollup, sessions = (int(v) for v in out.split())
+        return events, rollup, sessions

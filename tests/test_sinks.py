@@ -1,0 +1,207 @@
+"""The sink against a real broker and real ClickHouse (chdb and the 18.16 server): exactly-once
+counts under redelivery, crashes and outages; refused rows to the dead-letter topic."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from ingest.records import encode
+from ingest.topics import ensure_topics, topic
+from tests.services import ClickHouseServer, Pipeline
+
+T0 = 1_795_000_000_000  # a fixed instant, so rollup days are deterministic
+
+
+def enriched(i: int, **overrides: Any) -> dict[str, Any]:
+    """An enriched record as the processor emits it; 10 visitors, 3 days, 2 channels."""
+    visitor = f"a{i % 10}"
+    ts = T0 + (i % 3) * 86_400_000 + i * 1000
+    record = {
+        "v": 1,
+        "type": "track",
+        "project": "demo",
+        "event_id": f"e{i}",
+        "event": "signup" if i % 4 == 0 else "$pageview",
+        "timestamp": ts,
+        "received_at": ts,
+        "anonymous_id": visitor,
+        "user_id": f"u{i % 5}" if i % 2 else "",
+        "session_id": f"{visitor}-{ts // 1_800_000}",
+        "url": f"https://s.example/p{i % 7}",
+        "path": f"/p{i % 7}",
+        "referrer": "",
+        "properties": "{}",
+        "source": "google" if i % 2 else "(direct)",
+        "medium": "organic" if i % 2 else "(none)",
+        "campaign": "",
+        "channel": "Organic Search" if i % 2 else "Direct",
+        "source_confidence": 0.9,
+        "source_rule_id": "r",
+        "click_id": "",
+        "click_id_network": "",
+        "classifier_version": "t",
+        "country": "DE",
+        "device_type": "desktop",
+        "browser": "Chrome",
+        "os": "Linux",
+        "is_bot": False,
+        "ip_hash": "h",
+    }
+    return record | overrides
+
+
+async def _produce(bootstrap: str, values: list[bytes]) -> None:
+    await ensure_topics(bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic("enriched").name, v, key=str(i % 12).encode())
+            for i, v in enumerate(values)
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def produce(bootstrap: str, records: list[Any]) -> None:
+    """Put records (dicts, or raw bytes for poison) on the enriched topic."""
+    values = [r if isinstance(r, bytes) else encode(r) for r in records]
+    asyncio.run(_produce(bootstrap, values))
+
+
+def dead_letters(bootstrap: str, expected: int, timeout: float = 30) -> list[bytes]:
+    """Read the dead-letter topic until `expected` records arrived."""
+
+    async def read() -> list[bytes]:
+        consumer = AIOKafkaConsumer(
+            topic("dead_letter").name, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        out: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while len(out) < expected and time.monotonic() < deadline:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    out.extend(m.value for m in messages)
+        finally:
+            await consumer.stop()
+        return out
+
+    return asyncio.run(read())
+
+
+@pytest.fixture(params=["chdb", "server"])
+def sink_only(
+    request: pytest.FixtureRequest, fresh_broker: str, data_dir: Path
+) -> Iterator[Pipeline]:
+    """A sink process (no gateway or processor) on each ClickHouse."""
+    url = request.getfixturevalue("ch_url") if request.param == "server" else None
+    pipeline = Pipeline(fresh_broker, url, data_dir).start("sink")
+    yield pipeline
+    pipeline.stop()
+
+
+def wait_counts(pipeline: Pipeline, n: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    counts: tuple[int, ...] = ()
+    while time.monotonic() < deadline:
+        try:
+            counts = pipeline.counts()
+        except (RuntimeError, ValueError):
+            counts = ()
+        if counts == (n, n, n):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"counts {counts}, expected {n} in events, daily_rollup, sessions")
+
+
+def test_redelivered_batch_changes_no_count(sink_only: Pipeline) -> None:
+    records = [enriched(i) for i in range(300)]
+    produce(sink_only.bootstrap, records)
+    wait_counts(sink_only, 300)
+    produce(sink_only.bootstrap, records[100:200])  # the same batch again, by hand
+    produce(sink_only.bootstrap, [enriched(300)])  # lands after the redelivery: a marker
+    sink_only.wait_for("SELECT count() FROM events WHERE event_id = 'e300'", "1\n")
+    wait_counts(sink_only, 301)
+    sessions = sink_only.sql(
+        "SELECT count() FROM (SELECT session_id FROM sessions GROUP BY session_id)"
+    )
+    assert int(sessions) == len({r["session_id"] for r in [*records, enriched(300)]})
+
+
+def test_refused_and_undecodable_rows_go_to_dead_letter(sink_only: Pipeline) -> None:
+    records: list[Any] = [enriched(i) for i in range(20)]
+    records.insert(5, enriched(1000, source_confidence="not a number"))
+    records.insert(9, b"\xff{not json")
+    records.insert(12, encode({"event_id": "missing fields"}))
+    produce(sink_only.bootstrap, records)
+    produce(sink_only.bootstrap, [enriched(i) for i in range(20, 40)])  # the partition flows on
+    wait_counts(sink_only, 40)
+    letters = dead_letters(sink_only.bootstrap, 3)
+    assert len(letters) == 3
+    text = b"\n".join(letters).decode()
+    assert "clickhouse refused" in text and '"event_id":"e1000"' in text
+    assert text.count("undecodable") == 2
+
+
+def test_kill_9_sink_repeatedly_while_events_flow(
+    fresh_broker: str, ch_url: str, data_dir: Path
+) -> None:
+    """Two sinks share the partitions; one is killed -9 at random points, three times."""
+    pipeline = Pipeline(
+        fresh_broker, ch_url, data_dir, {"MILLIMETRIC_SINK_BATCH_ROWS": "400"}
+    ).start("sink")
+    (data_dir / "b").mkdir()
+    second = Pipeline(fresh_broker, ch_url, data_dir / "b").start("sink")
+    n = 6000
+
+    def flow() -> None:
+        for k in range(0, n, 500):
+            produce(fresh_broker, [enriched(i) for i in range(k, k + 500)])
+            time.sleep(0.3)
+
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    rng = random.Random(7)
+    try:
+        for _ in range(3):
+            time.sleep(rng.uniform(0.5, 2.5))
+            pipeline.stages["sink"].stop(kill=True)
+            pipeline.stages["sink"].start()
+        flowing.join()
+        wait_counts(pipeline, n, timeout=120)
+    finally:
+        flowing.join()
+        pipeline.stop()
+        second.stop()
+
+
+def test_clickhouse_outage_under_load(
+    fresh_broker: str, ch_server: str | ClickHouseServer, ch_url: str, data_dir: Path
+) -> None:
+    if not isinstance(ch_server, ClickHouseServer):
+        pytest.skip("an external ClickHouse cannot be stopped by the tests")
+    pipeline = Pipeline(
+        fresh_broker, ch_url, data_dir, {"MILLIMETRIC_SINK_RETRY_MAX_S": "1"}
+    ).start("sink")
+    try:
+        produce(fresh_broker, [enriched(i) for i in range(1000)])
+        wait_counts(pipeline, 1000)
+        ch_server.stop()
+        produce(fresh_broker, [enriched(i) for i in range(1000, 3000)])
+        time.sleep(3)  # the sink retries against a stopped server meanwhile
+        ch_server.start()
+        produce(fresh_broker, [enriched(i) for i in range(3000, 4000)])
+        wait_counts(pipeline, 4000, timeout=120)
+    finally:
+        pipeline.stop()
