@@ -15,12 +15,13 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.auth import AuthError, KeyStore, Principal
+from gateway.auth import ROUTE_KINDS, AuthError, KeyStore, Principal
 from gateway.client_context import ClientContext
+from gateway.openapi import build_openapi
 from gateway.publish import BrokerUnavailable, Publisher
 from gateway.rate_limit import (
     Limit,
@@ -31,7 +32,7 @@ from gateway.rate_limit import (
 )
 from gateway.responses import error_response, json_response
 from gateway.validate import InvalidBody, Validator
-from ingest.records import record_key
+from ingest.records import encode, record_key
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 
@@ -65,9 +66,9 @@ class Gateway:
         self.raw_topic, self.forget_topic = raw.name, forgets.name
         self.retry_after = str(max(1, round(settings.publish_timeout_s)))
 
-    def limit_for(self, route: str) -> Limit:
-        """The route's limit (per-project overrides come from the keys topic)."""
-        return self.limits[route]
+    def limit_for(self, route: str, project: str) -> Limit:
+        """The project's limit on `route`: its override from the keys topic, else the default."""
+        return self.keys.limit_override(project, route) or self.limits[route]
 
     async def start(self) -> None:
         """Create missing topics, connect the producer, start following the keys topic."""
@@ -87,21 +88,33 @@ class Gateway:
         if ctype not in JSON_TYPES:
             raise InvalidBody("unsupported_media_type")
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and not (declared.isascii() and declared.isdigit()):
+            raise InvalidBody(
+                "invalid_json", [{"field": "(body)", "message": "bad Content-Length"}]
+            )
+        if declared is not None and int(declared) > limit:
             raise InvalidBody("payload_too_large")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise InvalidBody("payload_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidBody("payload_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # nobody reads this answer; it only must not be a traceback
+            raise InvalidBody(
+                "invalid_json", [{"field": "(body)", "message": "cut short"}]
+            ) from None
         return b"".join(chunks)
 
     def cors(self, request: Request, principal: Principal | None) -> dict[str, str]:
-        """CORS headers for browser (pk_) callers."""
+        """CORS headers for browser callers: only Origins some pk_ key allows, and never for
+        answers to another kind of key (so a browser page cannot read an sk_ key's answers)."""
         origin = request.headers.get("origin")
         if origin is None or (principal is not None and principal.kind != "pk"):
+            return {}
+        if not self.keys.origin_known(origin):
             return {}
         return {"access-control-allow-origin": origin, "vary": "Origin"}
 
@@ -111,7 +124,7 @@ class Accepted:
     """A validated request: what to publish where, and what to answer once it is acknowledged."""
 
     topic: str
-    records: list[tuple[bytes, Any]]
+    records: list[tuple[bytes, bytes]]  # (key, encoded value): encoding fails here, not later
     answer: dict[str, Any]
 
 
@@ -124,20 +137,23 @@ def _key(record: Any) -> bytes:
     )
 
 
+def _encoded(records: list[Any], key: Callable[[Any], bytes] = _key) -> list[tuple[bytes, bytes]]:
+    try:
+        return [(key(r), encode(r)) for r in records]
+    except TypeError as error:  # orjson.JSONEncodeError; validation should have caught it
+        raise InvalidBody("invalid_payload", [{"field": "(body)", "message": str(error)}]) from None
+
+
 def _track(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
     record = gw.validator.track(body, who.project, gw.context.build(request), now, who.kind == "sk")
-    return Accepted(
-        gw.raw_topic, [(_key(record), record)], {"ok": True, "event_id": record["event_id"]}
-    )
+    return Accepted(gw.raw_topic, _encoded([record]), {"ok": True, "event_id": record["event_id"]})
 
 
 def _identify(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
     record = gw.validator.identify(
         body, who.project, gw.context.build(request), now, who.kind == "sk"
     )
-    return Accepted(
-        gw.raw_topic, [(_key(record), record)], {"ok": True, "event_id": record["event_id"]}
-    )
+    return Accepted(gw.raw_topic, _encoded([record]), {"ok": True, "event_id": record["event_id"]})
 
 
 def _batch(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
@@ -146,7 +162,7 @@ def _batch(gw: Gateway, request: Request, body: bytes, who: Principal, now: int)
     )
     return Accepted(
         gw.raw_topic,
-        [(_key(r), r) for r in records],
+        _encoded(records),
         {"ok": True, "event_ids": [r["event_id"] for r in records]},
     )
 
@@ -156,7 +172,7 @@ def _forget(gw: Gateway, request: Request, body: bytes, who: Principal, now: int
     subject = record["user_id"] or record["anonymous_id"]
     return Accepted(
         gw.forget_topic,
-        [(f"{who.project}:{subject}".encode(), record)],
+        _encoded([record], lambda r: f"{who.project}:{subject}".encode()),
         {"ok": True, "forget_id": record["forget_id"]},
     )
 
@@ -179,13 +195,17 @@ def _endpoint(route: str) -> Callable[[Request], Awaitable[Response]]:
             return _preflight(gw, request)
         principal: Principal | None = None
         try:
-            body = await gw.read_body(request, getattr(gw.settings, limit_field))
+            # The spec's order: authenticate, validate, limit. A caller without a valid key
+            # never gets its body read.
             principal = gw.keys.authenticate(
                 request.headers.get("authorization"), request.headers.get("origin"), route
             )
+            body = await gw.read_body(request, getattr(gw.settings, limit_field))
             accepted = parse(gw, request, body, principal, int(time.time() * 1000))
             # Limit after validating (the spec's order): a 400 costs no token.
-            decision = await gw.limiter.check(principal.project, route, gw.limit_for(route))
+            decision = await gw.limiter.check(
+                principal.project, route, gw.limit_for(route, principal.project)
+            )
             if not decision.allowed:
                 return error_response(
                     "rate_limited",
@@ -211,7 +231,8 @@ def _endpoint(route: str) -> Callable[[Request], Awaitable[Response]]:
 
 def _preflight(gw: Gateway, request: Request) -> Response:
     origin = request.headers.get("origin")
-    if origin is None or not gw.keys.origin_known(origin):
+    kinds, _ = ROUTE_KINDS[request.url.path.rsplit("/", 1)[-1]]
+    if origin is None or "pk" not in kinds or not gw.keys.origin_known(origin):
         return error_response("origin_not_allowed")
     return Response(
         status_code=204,
@@ -237,10 +258,14 @@ async def _ready(request: Request) -> Response:
     )
 
 
+async def _openapi(request: Request) -> Response:
+    return json_response(request.app.state.openapi, 200)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "not_found")
-    return error_response(code)
+    return error_response(code, dict(exc.headers or {}))
 
 
 def build_app(settings: Settings, bootstrap: str) -> Starlette:
@@ -257,10 +282,12 @@ def build_app(settings: Settings, bootstrap: str) -> Starlette:
 
     routes = [Route(f"/v1/{name}", _endpoint(name), methods=["POST", "OPTIONS"]) for name in ROUTES]
     routes += [Route("/health", _health), Route("/ready", _ready)]
+    routes += [Route("/openapi.json", _openapi)]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
     )
     app.state.gateway = gateway
+    app.state.openapi = build_openapi(settings)
     return app
 
 

@@ -12,10 +12,12 @@ import hmac
 import logging
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ingest.records import ApiKeyRecord, decode, hash_api_key
+from gateway.rate_limit import Limit
+from ingest.records import ApiKeyRecord, ProjectLimitRecord, decode, hash_api_key
 from ingest.topics import topic
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,13 @@ class AuthError(Exception):
 
 
 class KeyStore:
-    """The keys topic as an in-memory map from key hash to record, kept current."""
+    """The keys topic as in-memory maps, kept current: key hash -> key record, and
+    (project, route) -> rate-limit override."""
 
     def __init__(self, bootstrap_servers: str) -> None:
         self._bootstrap = bootstrap_servers
         self._keys: dict[str, ApiKeyRecord] = {}
+        self._limits: dict[tuple[str, str], Limit] = {}
         self._origins: frozenset[str] = frozenset()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -85,12 +89,18 @@ class KeyStore:
                 continue
             for messages in batches.values():
                 for message in messages:
-                    self.apply(decode(message.value))
+                    try:
+                        self.apply(decode(message.value))
+                    except (ValueError, KeyError, TypeError):  # one bad record stops nothing
+                        log.warning("skipping undecodable keys record at %s", message.offset)
             if not self.loaded.is_set() and await self._consumer.position(tp) >= end:
                 self.loaded.set()
 
-    def apply(self, record: ApiKeyRecord) -> None:
-        """Apply one record from the keys topic (a new key or a revocation)."""
+    def apply(self, record: dict[str, Any]) -> None:
+        """Apply one record from the keys topic (a key, a revocation or a project limit)."""
+        if record.get("record") == "project_limit":
+            self._apply_limit(record)  # type: ignore[arg-type]
+            return
         if record["revoked_at"] is not None:
             self._keys.pop(record["key_hash"], None)
         else:
@@ -98,6 +108,20 @@ class KeyStore:
         self._origins = frozenset(
             o for r in self._keys.values() if r["kind"] == "pk" for o in r["origins"]
         )
+
+    def _apply_limit(self, record: ProjectLimitRecord) -> None:
+        key = (record["project"], record["route"])
+        if record["rate"] is None or record["burst"] is None:
+            self._limits.pop(key, None)
+            return
+        try:
+            self._limits[key] = Limit(float(record["rate"]), int(record["burst"]))
+        except (TypeError, ValueError):
+            log.warning("ignoring invalid limit for %s/%s", *key)
+
+    def limit_override(self, project: str, route: str) -> Limit | None:
+        """The project's own limit on `route`, if `millimetric keys limits` set one."""
+        return self._limits.get((project, route))
 
     def origin_known(self, origin: str) -> bool:
         """Whether any pk_ key allows this Origin (answers CORS preflights, which carry no key)."""

@@ -1,4 +1,4 @@
-"""Key administration (`millimetric keys ...`): create, list and revoke keys on the keys topic.
+"""Key administration (`millimetric keys ...`): keys and per-project limits on the keys topic.
 
 A raw key is printed once and never stored: the topic holds its SHA-256 and a short prefix.
 Each record is sent and acknowledged on its own, one record per broker batch, which keeps the
@@ -10,11 +10,16 @@ from __future__ import annotations
 import secrets
 import string
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ingest.records import ApiKeyRecord, decode, encode, hash_api_key
+from gateway.rate_limit import Limit, load_default_limits
+from ingest.records import ApiKeyRecord, ProjectLimitRecord, decode, encode, hash_api_key
 from ingest.topics import ensure_topics, topic
+
+KeysTopicRecord = ApiKeyRecord | ProjectLimitRecord
 
 ALPHABET = string.ascii_letters + string.digits
 
@@ -24,8 +29,15 @@ def new_raw_key(kind: str, env: str) -> str:
     return f"{kind}_{env}_" + "".join(secrets.choice(ALPHABET) for _ in range(32))
 
 
+def record_topic_key(record: Any) -> bytes:
+    """The compaction key of a keys-topic record: the key hash, or `limit:{project}:{route}`."""
+    if record.get("record") == "project_limit":
+        return f"limit:{record['project']}:{record['route']}".encode()
+    return str(record["key_hash"]).encode()
+
+
 async def publish_key_records(
-    bootstrap: str, records: list[ApiKeyRecord], idempotence: bool = False
+    bootstrap: str, records: Sequence[KeysTopicRecord], idempotence: bool = False
 ) -> None:
     """Append records to the keys topic, each acknowledged before the next is sent."""
     await ensure_topics(bootstrap, roles=["keys"])
@@ -36,13 +48,13 @@ async def publish_key_records(
     try:
         for record in records:
             await producer.send_and_wait(
-                topic("keys").name, encode(record), key=record["key_hash"].encode()
+                topic("keys").name, encode(record), key=record_topic_key(record)
             )
     finally:
         await producer.stop()
 
 
-async def read_key_records(bootstrap: str) -> list[ApiKeyRecord]:
+async def read_key_records(bootstrap: str) -> list[Any]:
     """Every record on the keys topic, oldest first."""
     await ensure_topics(bootstrap, roles=["keys"])
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -52,7 +64,7 @@ async def read_key_records(bootstrap: str) -> list[ApiKeyRecord]:
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         end = (await consumer.end_offsets([tp]))[tp]
-        out: list[ApiKeyRecord] = []
+        out: list[Any] = []
         while await consumer.position(tp) < end:
             for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
                 out.extend(decode(m.value) for m in messages)
@@ -61,9 +73,39 @@ async def read_key_records(bootstrap: str) -> list[ApiKeyRecord]:
         await consumer.stop()
 
 
-def current_keys(records: list[ApiKeyRecord]) -> dict[str, ApiKeyRecord]:
+def current_keys(records: list[Any]) -> dict[str, ApiKeyRecord]:
     """The latest record of every key hash (what compaction keeps)."""
-    return {r["key_hash"]: r for r in records}
+    return {r["key_hash"]: r for r in records if r.get("record") != "project_limit"}
+
+
+def current_limits(records: list[Any]) -> dict[tuple[str, str], ProjectLimitRecord]:
+    """The project limit overrides in force: (project, route) -> latest record."""
+    latest = {(r["project"], r["route"]): r for r in records if r.get("record") == "project_limit"}
+    return {k: r for k, r in latest.items() if r["rate"] is not None}
+
+
+async def set_project_limit(
+    bootstrap: str,
+    project: str,
+    route: str,
+    limit: Limit | None,
+    idempotence: bool = False,
+) -> ProjectLimitRecord:
+    """Override (or, with None, reset to the default) a project's rate limit on one route."""
+    routes = load_default_limits()
+    if route not in routes:
+        raise ValueError(f"unknown route {route!r}; one of {', '.join(routes)}")
+    record: ProjectLimitRecord = {
+        "v": 1,
+        "record": "project_limit",
+        "project": project,
+        "route": route,
+        "rate": limit.rate if limit else None,
+        "burst": limit.burst if limit else None,
+        "updated_at": int(time.time() * 1000),
+    }
+    await publish_key_records(bootstrap, [record], idempotence)
+    return record
 
 
 async def create_key(

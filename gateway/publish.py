@@ -14,8 +14,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from ingest.records import encode
-
 log = logging.getLogger(__name__)
 
 
@@ -57,14 +55,14 @@ class Publisher:
         if self._producer is not None:
             await self._producer.stop()
 
-    async def publish(self, topic: str, records: Sequence[tuple[bytes, object]]) -> None:
-        """Send (key, record) pairs; return once all are acknowledged, else BrokerUnavailable."""
+    async def publish(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
+        """Send encoded (key, value) pairs; return once all are acknowledged, else
+        BrokerUnavailable."""
         assert self._producer is not None, "start() first"
         try:
             async with asyncio.timeout(self._timeout):
                 futures = [
-                    await self._producer.send(topic, encode(value), key=key)
-                    for key, value in records
+                    await self._producer.send(topic, value, key=key) for key, value in records
                 ]
                 await asyncio.gather(*futures)
         except Exception as error:

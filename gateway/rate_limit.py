@@ -274,3 +274,13 @@ class RedisRateLimiter:
     async def close(self) -> None:
         """Close the Redis connection pool."""
         await self._redis.aclose()
+
+
+def markdown_table(path: Path | None = None) -> str:
+    """Render the default limits as the README shows them."""
+    lines = ["| route | rate (requests/s) | burst |", "|---|---|---|"]
+    lines += [
+        f"| `/v1/{route}` | {limit.rate:g} | {limit.burst} |"
+        for route, limit in load_default_limits(path).items()
+    ]
+    return "\n".join(lines)

@@ -1,13 +1,74 @@
-"""Responses: every error body comes from the error table in `ingest.errors`."""
+"""Responses: every error body comes from the error table in `ingest.errors`.
+
+The models below describe the bodies the gateway answers with; /openapi.json is generated from
+them and the tests validate real answers against them. The hot path serializes plain dicts.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from ingest.errors import ERROR_CODES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TrackAccepted(_Strict):
+    """202 of /v1/track and /v1/identify."""
+
+    ok: Literal[True]
+    event_id: str = Field(description="The sent event_id, or the one the server generated.")
+
+
+class BatchAccepted(_Strict):
+    """202 of /v1/batch: every event_id, in the order the events were sent."""
+
+    ok: Literal[True]
+    event_ids: list[str]
+
+
+class ForgetAccepted(_Strict):
+    """202 of /v1/forget."""
+
+    ok: Literal[True]
+    forget_id: str
+
+
+class ErrorDetail(_Strict):
+    """One thing wrong with the body; `index` is the event's position on /v1/batch."""
+
+    index: int | None = Field(None, ge=0)
+    field: str
+    message: str
+
+
+class ErrorBody(_Strict):
+    """Every 4xx/5xx answer."""
+
+    ok: Literal[False]
+    error: Literal[tuple(ERROR_CODES)]  # type: ignore[valid-type]
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class Health(_Strict):
+    """GET /health: the process is up."""
+
+    ok: bool
+
+
+class Ready(_Strict):
+    """GET /ready: the broker answers and the keys topic has been read (503 otherwise)."""
+
+    ok: bool
+    broker: bool
+    keys_loaded: bool
 
 
 def json_response(

@@ -7,6 +7,7 @@ refused so that typos do not silently lose data.
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
 )
 
 from ingest.records import RAW_SCHEMA_VERSION, Context, ForgetRequest, RawEvent
@@ -43,13 +45,44 @@ def _iso8601_millis(value: Any) -> int | None:
         raise ValueError("timestamp is not ISO 8601 (e.g. 2026-05-16T19:00:00.000Z)") from None
     if parsed.tzinfo is None:  # no offset given: the spec's examples are UTC
         parsed = parsed.replace(tzinfo=UTC)
-    millis = int(parsed.timestamp() * 1000)
+    try:
+        millis = int(parsed.timestamp() * 1000)
+    except (OverflowError, ValueError):  # year 1 or 9999 shifted out of range by the offset
+        millis = -1
     if not MIN_TS_MS <= millis <= MAX_TS_MS:
         raise ValueError("timestamp must be between 1970 and 2105")
     return millis
 
 
-Timestamp = Annotated[int | None, BeforeValidator(_iso8601_millis)]
+Timestamp = Annotated[
+    int | None,
+    BeforeValidator(_iso8601_millis),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}],
+            "description": "ISO 8601, 1970..2105; no offset means UTC. Default: server time.",
+        }
+    ),
+]
+Ignored = Annotated[Any, Field(None, exclude=True, description="Set by the server; ignored.")]
+Properties = Annotated[
+    dict[str, Any],
+    Field(
+        default_factory=dict,
+        description="Free-form JSON object, at most MILLIMETRIC_PROPERTIES_MAX_BYTES (8192) "
+        "bytes as compact UTF-8 JSON; numbers must be finite and fit in 64 bits.",
+    ),
+]
+ForwardedIp = Annotated[
+    str | None,
+    StringConstraints(max_length=64),
+    Field(None, description="End user's IP, honoured for sk_ keys only."),
+]
+ForwardedUserAgent = Annotated[
+    str | None,
+    StringConstraints(max_length=2048),
+    Field(None, description="End user's User-Agent, honoured for sk_ keys only."),
+]
 
 
 class ServerFields(BaseModel):
@@ -57,17 +90,17 @@ class ServerFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Any = Field(None, exclude=True)
-    medium: Any = Field(None, exclude=True)
-    campaign: Any = Field(None, exclude=True)
-    channel: Any = Field(None, exclude=True)
-    source_confidence: Any = Field(None, exclude=True)
-    source_rule_id: Any = Field(None, exclude=True)
-    country: Any = Field(None, exclude=True)
-    device_type: Any = Field(None, exclude=True)
-    browser: Any = Field(None, exclude=True)
-    os: Any = Field(None, exclude=True)
-    ip_hash: Any = Field(None, exclude=True)
+    source: Ignored
+    medium: Ignored
+    campaign: Ignored
+    channel: Ignored
+    source_confidence: Ignored
+    source_rule_id: Ignored
+    country: Ignored
+    device_type: Ignored
+    browser: Ignored
+    os: Ignored
+    ip_hash: Ignored
 
 
 class TrackEvent(ServerFields):
@@ -82,10 +115,10 @@ class TrackEvent(ServerFields):
     url: Text | None = None
     path: Text | None = None
     referrer: Text | None = None
-    properties: dict[str, Any] = Field(default_factory=dict)
+    properties: Properties
     # Forwarded end-user context, honoured for sk_ keys only (server-side and webhook senders).
-    ip: Annotated[str, StringConstraints(max_length=64)] | None = None
-    user_agent: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    ip: ForwardedIp
+    user_agent: ForwardedUserAgent
 
 
 class TrackBody(TrackEvent):
@@ -97,10 +130,10 @@ class IdentifyBody(ServerFields):
 
     anonymous_id: Id
     user_id: Id
-    traits: dict[str, Any] = Field(default_factory=dict)
+    traits: Properties
     timestamp: Timestamp = None
-    ip: Annotated[str, StringConstraints(max_length=64)] | None = None
-    user_agent: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    ip: ForwardedIp
+    user_agent: ForwardedUserAgent
 
 
 class BatchBody(BaseModel):
@@ -130,9 +163,12 @@ class InvalidBody(Exception):
         self.details = details or []
 
 
+MAX_DETAILS = 100  # a 1 MiB batch of bad events must not produce a 10 MiB answer
+
+
 def _details(error: ValidationError, indexed: bool) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for e in error.errors(include_url=False, include_input=False):
+    for e in error.errors(include_url=False, include_input=False)[:MAX_DETAILS]:
         loc = list(e["loc"])
         entry: dict[str, Any] = {}
         if indexed and len(loc) >= 2 and loc[0] == "events" and isinstance(loc[1], int):
@@ -148,13 +184,34 @@ def _parse(model: type[M], body: bytes, indexed: bool = False) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        if any(e["type"] == "json_invalid" for e in error.errors()):
-            raise InvalidBody("invalid_json") from None
+        invalid = [e for e in error.errors(include_url=False) if e["type"] == "json_invalid"]
+        if invalid:
+            raise InvalidBody(
+                "invalid_json", [{"field": "(body)", "message": invalid[0]["msg"]}]
+            ) from None
         raise InvalidBody("invalid_payload", _details(error, indexed)) from None
 
 
-def _json_size(value: dict[str, Any]) -> int:
-    return len(orjson.dumps(value)) if value else 2
+INT64 = (-(2**63), 2**64 - 1)  # what orjson (and ClickHouse's JSON functions) can represent
+
+
+def _json_problem(value: dict[str, Any], max_bytes: int) -> str | None:
+    """Why a free-form JSON object cannot be stored as is, or None when it can."""
+    stack: list[Any] = [value]
+    while stack:  # the parser already bounded the depth; this walk is iterative anyway
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "numbers must be finite (no NaN or Infinity)"
+        elif isinstance(item, int) and not INT64[0] <= item <= INT64[1]:
+            return "integers must fit in 64 bits"
+    size = len(orjson.dumps(value)) if value else 2
+    if size > max_bytes:
+        return f"is {size} bytes as compact JSON; at most {max_bytes}"
+    return None
 
 
 class Validator:
@@ -194,14 +251,11 @@ class Validator:
     def _check_size(
         self, value: dict[str, Any], field: str, index: int | None
     ) -> dict[str, Any] | None:
-        if _json_size(value) <= self.properties_max_bytes:
+        problem = _json_problem(value, self.properties_max_bytes)
+        if problem is None:
             return None
         detail: dict[str, Any] = {} if index is None else {"index": index}
-        detail |= {
-            "field": field,
-            "message": f"{field} is larger than {self.properties_max_bytes} bytes as JSON",
-        }
-        return detail
+        return detail | {"field": field, "message": f"{field}: {problem}"}
 
     def track(self, body: bytes, project: str, ctx: Context, now: int, trusted: bool) -> RawEvent:
         """Validate a /v1/track body."""
@@ -219,7 +273,7 @@ class Validator:
             raise InvalidBody("invalid_payload", [{"field": "events", "message": "empty batch"}])
         if len(batch.events) > self.batch_max_events:
             raise InvalidBody(
-                "invalid_payload",
+                "payload_too_large",
                 [
                     {
                         "field": "events",
@@ -234,7 +288,7 @@ class Validator:
             if (p := self._check_size(e.properties, "properties", i))
         ]
         if problems:
-            raise InvalidBody("invalid_payload", problems)
+            raise InvalidBody("invalid_payload", problems[:MAX_DETAILS])
         return [self._record(e, project, ctx, now, trusted) for e in batch.events]
 
     def identify(

@@ -3,15 +3,20 @@
 millimetric dev                      the whole pipeline, embedded
 millimetric gateway|processor|sink   one stage (production: one process each, scaled apart)
 millimetric keys create|list|revoke  API keys
+millimetric keys limits              a project's rate limit on one route
 millimetric sql "SELECT ..."         query the configured ClickHouse (TSV)
+millimetric forget status ID         whether an erasure is done, with what it deleted
 millimetric classify --url URL       explain how a visit would be attributed
+millimetric bench [--quick]          every stage's throughput beside a same-run baseline
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -93,8 +98,23 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(raw)
+    elif args.keys_command == "limits":
+        from gateway.rate_limit import Limit
+
+        if args.reset == (args.rate is not None or args.burst is not None):
+            sys.exit("millimetric: give --rate and --burst, or --reset")
+        try:
+            limit = None if args.reset else Limit(args.rate, args.burst)
+            asyncio.run(
+                key_admin.set_project_limit(bootstrap, args.project, args.route, limit, idem)
+            )
+        except ValueError as error:
+            sys.exit(f"millimetric: {error}")
+        shown = "the default" if limit is None else f"{limit.rate:g}/s, burst {limit.burst}"
+        print(f"project {args.project!r} /v1/{args.route}: {shown}")
     elif args.keys_command == "list":
-        records = key_admin.current_keys(asyncio.run(key_admin.read_key_records(bootstrap)))
+        everything = asyncio.run(key_admin.read_key_records(bootstrap))
+        records = key_admin.current_keys(everything)
         print("prefix\tproject\ttype\torigins\tstatus")
         for r in records.values():
             if args.project in (None, r["project"]):
@@ -103,6 +123,12 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
                     f"{r['prefix']}…\t{r['project']}\t{r['kind']}\t"
                     f"{','.join(r['origins'])}\t{status}"
                 )
+        limits = key_admin.current_limits(everything)
+        if limits:
+            print("\nproject\troute\trate\tburst")
+            for (project, route), r in sorted(limits.items()):
+                if args.project in (None, project):
+                    print(f"{project}\t{route}\t{r['rate']:g}\t{r['burst']}")
     else:
         count = asyncio.run(key_admin.revoke_key(bootstrap, args.key, idem))
         print(f"revoked {count} key(s)")
@@ -110,18 +136,18 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+def _query(settings: Settings, query: str) -> str:
+    """Run a query on the configured ClickHouse and return TSV; exit with its message on error."""
     from sinks.clickhouse import connect
     from sinks.sql_endpoint import ENDPOINT_FILE
 
     endpoint = settings.data_dir / ENDPOINT_FILE
     if settings.clickhouse_url is None and endpoint.exists():
         # A running sink holds the embedded store: ask it.
-        request = urllib.request.Request(endpoint.read_text().strip(), data=args.query.encode())
+        request = urllib.request.Request(endpoint.read_text().strip(), data=query.encode())
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
-                sys.stdout.write(response.read().decode())
-                return 0
+                return str(response.read().decode())
         except urllib.error.HTTPError as error:
             sys.exit(f"millimetric sql: {error.read().decode()}")
         except OSError:
@@ -134,11 +160,48 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
             f"(another process may hold it and is not serving queries yet): {error}"
         )
     try:
-        sys.stdout.write(ch.query_tsv(args.query))
+        return ch.query_tsv(query)
     except Exception as error:
         sys.exit(f"millimetric sql: {error}")
     finally:
         ch.close()
+
+
+def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+    sys.stdout.write(_query(settings, args.query))
+    return 0
+
+
+FORGET_STATUS_COLUMNS = (
+    "status",
+    "requested_at_ms",
+    "completed_at_ms",
+    "anonymous_ids",
+    "events_deleted",
+    "sessions_deleted",
+    "identities_deleted",
+)
+
+
+def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    forget_id = args.forget_id
+    if not re.fullmatch(r"fgt_[0-9a-f]{32}", forget_id):
+        sys.exit("millimetric forget: a forget id looks like fgt_ and 32 hex digits")
+    row = _query(
+        settings,
+        (
+            f"SELECT {', '.join(FORGET_STATUS_COLUMNS)} FROM forget_audit FINAL "
+            f"WHERE forget_id = '{forget_id}'"
+        ),
+    ).split()
+    if not row:  # accepted but not picked up by a sink yet, or unknown
+        print(json.dumps({"forget_id": forget_id, "status": "pending"}))
+        return 0
+    status: dict[str, Any] = {"forget_id": forget_id, "status": row[0]}
+    status |= {name: int(v) for name, v in zip(FORGET_STATUS_COLUMNS[1:], row[1:], strict=True)}
+    if status["status"] == "done":
+        status["duration_ms"] = status["completed_at_ms"] - status["requested_at_ms"]
+    print(json.dumps(status))
     return 0
 
 
@@ -146,6 +209,18 @@ def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
     from processors.classify import run_classify_cli
 
     return run_classify_cli(args.url, args.referrer, sys.stdin, sys.stdout)
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        from bench.run import main as run_bench
+    except ModuleNotFoundError:  # bench/ lives in the source tree beside the packages
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from bench.run import main as run_bench
+
+    return run_bench(args.quick, Path(args.json) if args.json else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -185,6 +260,18 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--project")
     revoke = ks.add_parser("revoke", help="revoke a key (whole key, or its listed prefix)")
     revoke.add_argument("key")
+    limits = ks.add_parser("limits", help="override a project's rate limit on one route")
+    limits.add_argument("--project", required=True)
+    limits.add_argument("--route", required=True, help="track, identify, batch or forget")
+    limits.add_argument("--rate", type=float, help="requests per second")
+    limits.add_argument("--burst", type=int, help="bucket size")
+    limits.add_argument("--reset", action="store_true", help="back to the default")
+
+    forget = sub.add_parser("forget", help="erasure requests")
+    fs = forget.add_subparsers(dest="forget_command", required=True)
+    status = fs.add_parser("status", help="pending or done, with rows deleted (JSON)")
+    status.add_argument("forget_id")
+    forget.set_defaults(run=cmd_forget)
 
     sql = sub.add_parser("sql", help="run a query on the configured ClickHouse, print TSV")
     sql.add_argument("query")
@@ -196,6 +283,11 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument("--url")
     classify.add_argument("--referrer")
     classify.set_defaults(run=cmd_classify)
+
+    bench = sub.add_parser("bench", help="benchmark every stage against same-run baselines")
+    bench.add_argument("--quick", action="store_true", help="small sizes: about 4 minutes")
+    bench.add_argument("--json", default="bench-results.json", help="where to write the rows")
+    bench.set_defaults(run=cmd_bench)
     return p
 
 

@@ -90,6 +90,40 @@ class ForgetRequest(TypedDict):
     received_at: int
 
 
+class IdentityLink(TypedDict):
+    """anonymous_id -> user_id, as the processor learned it from an identify."""
+
+    v: int
+    project: str
+    anonymous_id: str
+    user_id: str
+    at: int
+
+
+class ForgetControl(TypedDict):
+    """Put on the raw topic by the processor, in order with one visitor's events, so the agent
+    that owns that visitor's state drops it."""
+
+    v: int
+    type: Literal["forget"]
+    project: str
+    anonymous_id: str
+    forget_id: str
+
+
+class Erasure(TypedDict):
+    """A forget resolved to the whole person: what the sinks filter and delete."""
+
+    v: int
+    forget_id: str
+    project: str
+    user_id: str | None
+    anonymous_ids: list[str]
+    cutoff: int  # events received up to this instant are erased; later ones are new data
+    suppress: bool  # erase later events too
+    requested_at: int
+
+
 def record_key(project: str, anonymous_id: str | None, fallback: str) -> bytes:
     """Partition key: one visitor's events stay in order on one partition."""
     return f"{project}:{anonymous_id or fallback}".encode()
@@ -111,6 +145,22 @@ class ApiKeyRecord(TypedDict):
     origins: list[str]
     created_at: int
     revoked_at: int | None
+
+
+class ProjectLimitRecord(TypedDict):
+    """A project's rate-limit override for one gateway route, on the keys topic.
+
+    Keyed `limit:{project}:{route}` (compaction keeps the latest); `rate`/`burst` None removes
+    the override, so the route's default from gateway/limits.toml applies again.
+    """
+
+    v: int
+    record: Literal["project_limit"]
+    project: str
+    route: str
+    rate: float | None
+    burst: int | None
+    updated_at: int
 
 
 def hash_api_key(raw_key: str) -> str:

@@ -92,10 +92,21 @@ class Settings(BaseSettings):
     processor_batch_seconds: float = Field(
         0.05, description="Longest the processor waits to fill a step."
     )
+    processor_producer_max_batch_size: int | None = Field(
+        None,
+        description="Faust producer batch size in bytes; 1 makes every changelog batch "
+        "one record, which table recovery needs on brokers with inexact end offsets (Tansu). "
+        "Costs throughput: for tests and dev.",
+    )
     sink_batch_rows: int = Field(20_000, description="Rows per ClickHouse insert, at most.")
     sink_batch_seconds: float = Field(1.0, description="Longest a row waits in the sink's batch.")
     sink_retry_max_s: float = Field(
         30.0, description="Cap of the sink's exponential backoff while ClickHouse refuses."
+    )
+    forget_grace_s: float = Field(
+        5.0,
+        description="How long a forget waits for every sink to filter the person before "
+        "deleting, and again before checking nothing landed after the delete.",
     )
     retention_days: int | None = Field(
         None,

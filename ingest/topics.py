@@ -67,11 +67,21 @@ TOPICS: dict[str, Topic] = {
     ),
     "identities": Topic(
         "millimetric.identities",
-        "project:anonymous_id",
+        "project:user_id",
         12,
-        True,
-        -1,
-        "anonymous_id -> user_id links from /v1/identify, as the processors learned them.",
+        False,
+        30 * DAY_MS,
+        "anonymous_id -> user_id links as the processor learns them, re-keyed by user so the "
+        "forget agent (co-partitioned with forgets) knows every device of a user.",
+    ),
+    "erasures": Topic(
+        "millimetric.erasures",
+        "project:subject",
+        1,
+        False,
+        30 * DAY_MS,
+        "Forgets resolved to every anonymous_id of the person, with their cutoff: each sink "
+        "filters them out of its inserts, one sink deletes them. Retention must exceed raw's.",
     ),
 }
 

@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+from gateway import rate_limit
 from ingest import errors, settings, topics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -16,6 +17,7 @@ TABLES = {
     "topics": topics.markdown_table,
     "errors": errors.markdown_table,
     "settings": settings.markdown_table,
+    "limits": rate_limit.markdown_table,
 }
 
 

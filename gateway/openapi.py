@@ -1,0 +1,151 @@
+"""GET /openapi.json: generated from the pydantic models and the error table, never hand-written.
+
+Request bodies are the models `validate.py` parses with; answers are the models in
+`responses.py`; every error response lists the codes of `ingest.errors` a route can give (which
+keys a route refuses comes from `auth.ROUTE_KINDS`). Limits that are settings (batch size, body
+bytes) are filled in from the running gateway's settings.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gateway.auth import ROUTE_KINDS
+from gateway.responses import (
+    BatchAccepted,
+    ErrorBody,
+    ForgetAccepted,
+    Health,
+    Ready,
+    TrackAccepted,
+)
+from gateway.validate import BatchBody, ForgetBody, IdentifyBody, TrackBody
+from ingest.errors import ERROR_CODES
+from ingest.settings import Settings
+
+REF = "#/components/schemas/{model}"
+
+# route -> (summary, request model, 202 model)
+OPERATIONS: dict[str, tuple[str, type[BaseModel], type[BaseModel]]] = {
+    "track": ("Track one event.", TrackBody, TrackAccepted),
+    "identify": (
+        "Link an anonymous visitor to a user; flows as a `$identify` event.",
+        IdentifyBody,
+        TrackAccepted,
+    ),
+    "batch": ("Track many events, all or nothing.", BatchBody, BatchAccepted),
+    "forget": ("Request erasure of a user's events (sk_ keys only).", ForgetBody, ForgetAccepted),
+}
+PER_REQUEST_STAGES = ("validate", "authenticate", "limit", "publish")
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def route_errors(route: str) -> list[str]:
+    """The error codes a POST to /v1/{route} can answer with, in table order."""
+    kinds, refusal = ROUTE_KINDS[route]
+    refusals = {r for _, r in ROUTE_KINDS.values()}
+    codes = []
+    for code, entry in ERROR_CODES.items():
+        if entry.stage not in PER_REQUEST_STAGES:
+            continue
+        if code in refusals and code != refusal:
+            continue
+        if code == "origin_not_allowed" and "pk" not in kinds:
+            continue
+        codes.append(code)
+    return [*codes, "method_not_allowed"]
+
+
+def _error_responses(codes: list[str]) -> dict[str, Any]:
+    by_status: dict[int, list[str]] = defaultdict(list)
+    for code in codes:
+        by_status[ERROR_CODES[code].status].append(code)
+    out: dict[str, Any] = {}
+    for status, group in sorted(by_status.items()):
+        schema = {
+            "allOf": [{"$ref": REF.format(model="ErrorBody")}],
+            "properties": {"error": {"enum": group}},
+        }
+        response: dict[str, Any] = {
+            "description": " ".join(f"`{c}`: {ERROR_CODES[c].message}" for c in group),
+            "content": {"application/json": {"schema": schema}},
+        }
+        if status in (429, 503):
+            response["headers"] = RETRY_AFTER
+        out[str(status)] = response
+    return out
+
+
+def _json(model: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=model)}}}
+
+
+def build_openapi(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of a gateway running with `settings`."""
+    models: list[type[BaseModel]] = [m for _, req, ok in OPERATIONS.values() for m in (req, ok)]
+    models += [ErrorBody, Health, Ready]
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+    schemas = top["$defs"]
+    events = schemas["BatchBody"]["properties"]["events"]
+    events |= {"minItems": 1, "maxItems": settings.batch_max_events}
+    paths: dict[str, Any] = {}
+    for route, (summary, request, accepted) in OPERATIONS.items():
+        limit = settings.batch_max_bytes if route == "batch" else settings.track_max_bytes
+        kinds = ", ".join(f"{k}_" for k in sorted(ROUTE_KINDS[route][0]))
+        post = {
+            "operationId": route,
+            "summary": summary,
+            "description": f"Keys: {kinds}. Body at most {limit} bytes.",
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": _json(request.__name__)},
+            "responses": {
+                "202": {
+                    "description": "Acknowledged by the broker.",
+                    "content": _json(accepted.__name__),
+                },
+                **_error_responses(route_errors(route)),
+            },
+        }
+        paths[f"/v1/{route}"] = {"post": post}
+        if "pk" in ROUTE_KINDS[route][0]:
+            paths[f"/v1/{route}"]["options"] = {
+                "operationId": f"{route}_preflight",
+                "summary": "CORS preflight, answered for Origins on a pk_ key's allowlist.",
+                "responses": {
+                    "204": {"description": "The Origin is allowed."},
+                    **_error_responses(["origin_not_allowed"]),
+                },
+            }
+    paths["/health"] = {
+        "get": {
+            "operationId": "health",
+            "responses": {"200": {"description": "Up.", "content": _json("Health")}},
+        }
+    }
+    paths["/ready"] = {
+        "get": {
+            "operationId": "ready",
+            "responses": {
+                "200": {"description": "Ready.", "content": _json("Ready")},
+                "503": {"description": "Not ready.", "content": _json("Ready")},
+            },
+        }
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Millimetric ingest gateway", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
