@@ -1,10 +1,17 @@
-"""The processor: a Faust worker that reads raw events, enriches them, and emits enriched events.
+"""The processor: a Faust worker that enriches raw events, stitches identities, handles forgets.
 
-The agent takes events in batches (`stream.take_events`), so per event there is only the pure
-enrichment. Faust acks a batch after it is handled and flushes its producer before committing
-offsets, so an event is never committed before its enriched record is on the broker
-(at-least-once; the sink deduplicates on event_id). Records that cannot be decoded go to the
-dead-letter topic.
+The raw agent takes events in batches (`stream.take_events`), so per event there is only the
+pure enrichment. Faust acks a batch after it is handled and flushes its producer before
+committing offsets, so an event is never committed before its enriched record is on the broker
+(at-least-once; the sink deduplicates). Records that cannot be handled go to the dead-letter
+topic.
+
+State lives in changelog-backed Faust tables, each co-partitioned with the topic its agent reads:
+- `identities` (raw topic's key `project:anonymous_id` -> user_id): fills user_id in later events;
+- `user_devices` (`project:user_id` -> anonymous_ids), fed through the identities topic, which
+  re-keys links by user: the forget agent reads the forgets topic, keyed the same way.
+A forget fans out as control records on the raw topic, one per anonymous_id, so the agent that
+owns each visitor's state drops it (a tombstone on the changelog) in order with their events.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 
 import faust
 
-from ingest.records import decode, encode
+from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.settings import Settings
 from ingest.topics import require
 from processors.classify import Classifier
@@ -25,10 +32,22 @@ from processors.useragent import UserAgentParser
 
 log = logging.getLogger(__name__)
 
+BYTES: dict[str, Any] = {
+    "key_type": bytes,
+    "value_type": bytes,
+    "key_serializer": "raw",
+    "value_serializer": "raw",
+}
+
 
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
-    """The Faust app with its topics and agent, ready for a worker."""
-    raw, enriched, dead_letter = require("raw", "enriched", "dead_letter")
+    """The Faust app with its topics, tables and agents, ready for a worker."""
+    raw, enriched, dead, links, forgets, erasures = require(
+        "raw", "enriched", "dead_letter", "identities", "forgets", "erasures"
+    )
+    extra: dict[str, Any] = {}
+    if settings.processor_producer_max_batch_size is not None:
+        extra["producer_max_batch_size"] = settings.processor_producer_max_batch_size
     app = faust.App(
         "millimetric-processor",
         broker=f"kafka://{bootstrap}",
@@ -42,16 +61,22 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         producer_linger_ms=settings.kafka_linger_ms,
         producer_compression_type=settings.kafka_compression,
         broker_commit_interval=1.0,
+        # A replacement worker waits out its predecessor's session when the broker does not
+        # act on LeaveGroup (Tansu): keep that wait short.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        **extra,
     )
-    bytes_topic: dict[str, Any] = {
-        "key_type": bytes,
-        "value_type": bytes,
-        "key_serializer": "raw",
-        "value_serializer": "raw",
-    }
-    raw_topic = app.topic(raw.name, partitions=raw.partitions, **bytes_topic)
-    enriched_topic = app.topic(enriched.name, partitions=enriched.partitions, **bytes_topic)
-    dead_topic = app.topic(dead_letter.name, partitions=dead_letter.partitions, **bytes_topic)
+    raw_topic = app.topic(raw.name, partitions=raw.partitions, **BYTES)
+    enriched_topic = app.topic(enriched.name, partitions=enriched.partitions, **BYTES)
+    dead_topic = app.topic(dead.name, partitions=dead.partitions, **BYTES)
+    links_topic = app.topic(links.name, partitions=links.partitions, **BYTES)
+    forgets_topic = app.topic(forgets.name, partitions=forgets.partitions, **BYTES)
+    erasures_topic = app.topic(erasures.name, partitions=erasures.partitions, **BYTES)
+    identities = app.Table("identities", partitions=raw.partitions, schema=faust.Schema(**BYTES))
+    user_devices = app.Table(
+        "user-devices", partitions=links.partitions, schema=faust.Schema(**BYTES)
+    )
     enricher = Enricher(
         settings.ip_salt_value(),
         settings.session_timeout_min,
@@ -59,6 +84,18 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         UserAgentParser(),
         CountryLookup(settings.geoip_path),
     )
+
+    async def dead_letter(value: bytes, error: Exception) -> None:
+        await dead_topic.send(
+            key=b"processor",
+            value=encode(
+                {
+                    "stage": "processor",
+                    "reason": f"processor: {type(error).__name__}: {error}",
+                    "record": value.decode("utf-8", "replace"),
+                }
+            ),
+        )
 
     @app.agent(raw_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
@@ -68,21 +105,76 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             for event in events:
                 key, value = event.key, event.value
                 try:
-                    out = encode(enricher.enrich(decode(value)))
+                    record = decode(value)
+                    kind = record["type"]
+                    if kind == "forget":
+                        # Tables pick the changelog partition from the current event, which
+                        # take_events does not set per item.
+                        stream._set_current_event(event)
+                        identities.pop(key, None)
+                        continue
+                    if kind == "identify":
+                        stream._set_current_event(event)
+                        identities[key] = record["user_id"].encode()
+                        link: IdentityLink = {
+                            "v": 1,
+                            "project": record["project"],
+                            "at": record["received_at"],
+                            "anonymous_id": record["anonymous_id"],
+                            "user_id": record["user_id"],
+                        }
+                        user_key = f"{record['project']}:{record['user_id']}".encode()
+                        await links_topic.send(key=user_key, value=encode(link))
+                    known = identities.get(key) if record["user_id"] is None else None
+                    out = enricher.enrich(record, known.decode() if known else None)
                 except Exception as error:  # one bad record must not stop the partition
-                    reason = f"processor: {type(error).__name__}: {error}"
-                    await dead_topic.send(
-                        key=b"processor",
-                        value=encode(
-                            {
-                                "stage": "processor",
-                                "reason": reason,
-                                "record": value.decode("utf-8", "replace"),
-                            }
-                        ),
-                    )
+                    await dead_letter(value, error)
                     continue
-                await enriched_topic.send(key=key, value=out)
+                await enriched_topic.send(key=key, value=encode(out))
+
+    @app.agent(links_topic)
+    async def remember_devices(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            link: IdentityLink = decode(event.value)
+            devices = set(decode(user_devices.get(event.key) or b"[]"))
+            if link["anonymous_id"] not in devices:
+                user_devices[event.key] = encode(sorted(devices | {link["anonymous_id"]}))
+
+    @app.agent(forgets_topic)
+    async def forget(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            try:
+                request: ForgetRequest = decode(event.value)
+                project = request["project"]
+                devices: set[str] = set()
+                if request["user_id"] is not None:
+                    devices.update(decode(user_devices.pop(event.key, None) or b"[]"))
+                if request["anonymous_id"] is not None:
+                    devices.add(request["anonymous_id"])
+                for anonymous_id in sorted(devices):
+                    control: ForgetControl = {
+                        "v": 1,
+                        "type": "forget",
+                        "project": project,
+                        "anonymous_id": anonymous_id,
+                        "forget_id": request["forget_id"],
+                    }
+                    await raw_topic.send(
+                        key=f"{project}:{anonymous_id}".encode(), value=encode(control)
+                    )
+                erasure: Erasure = {
+                    "v": 1,
+                    "forget_id": request["forget_id"],
+                    "project": project,
+                    "user_id": request["user_id"],
+                    "anonymous_ids": sorted(devices),
+                    "cutoff": request["received_at"],
+                    "suppress": request["suppress"],
+                    "requested_at": request["received_at"],
+                }
+                await erasures_topic.send(key=event.key, value=encode(erasure))
+            except Exception as error:
+                await dead_letter(event.value, error)
 
     return app
 

@@ -74,9 +74,10 @@ class Enricher:
         source = self._classifier.classify(raw["url"], raw["referrer"])
         device = self._user_agents.parse(ctx.get("user_agent"))
         country = country_from_edge_header(ctx.get("country")) or self._countries.country(ip)
-        properties: dict[str, Any] = raw["properties"]
-        if raw["type"] == "identify":
-            properties = {"$traits": raw.get("traits", {})}
+        # An identify's properties are its traits (the identities table keeps the latest).
+        properties: dict[str, Any] = (
+            raw.get("traits", {}) if raw["type"] == "identify" else raw["properties"]
+        )
         return {
             "v": ENRICHED_SCHEMA_VERSION,
             "type": raw["type"],

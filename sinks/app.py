@@ -22,6 +22,7 @@ from ingest.topics import ensure_topics, require
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse, connect, is_content_error
 from sinks.clickhouse_writer import EventWriter
+from sinks.erasure import ErasureExecutor, ErasureFilter, execute_erasures, follow
 from sinks.migrate import apply_retention, migrate
 from sinks.sql_endpoint import serve as serve_sql
 
@@ -44,8 +45,11 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
 class Sink:
     """One sink instance; several share the topic's partitions through the consumer group."""
 
-    def __init__(self, settings: Settings, bootstrap: str, ch: ClickHouse) -> None:
+    def __init__(
+        self, settings: Settings, bootstrap: str, ch: ClickHouse, erasures: ErasureFilter
+    ) -> None:
         self.settings = settings
+        self.erasures = erasures
         self.bootstrap = bootstrap
         self.ch = ch
         self.writer = EventWriter(ch)
@@ -159,7 +163,8 @@ class Sink:
         delay = 0.2
         while True:
             try:
-                await asyncio.to_thread(self.writer.insert, batch)
+                # Filter at every attempt: a forget may have arrived while ClickHouse was away.
+                await asyncio.to_thread(self.writer.insert, self.erasures.apply(batch))
                 return
             except Exception as error:
                 if is_content_error(error):
@@ -200,12 +205,20 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     ch = await _connect(settings)
-    sink = Sink(settings, bootstrap, ch)
+    erasures = ErasureFilter()
+    sink = Sink(settings, bootstrap, ch, erasures)
     await sink.start()
     log.info("sink writing to %s", ch.description)
-    extra = [] if settings.clickhouse_url else [serve_sql(ch, settings.data_dir, stop)]
+    executor = ErasureExecutor(ch, erasures, settings.forget_grace_s)
+    tasks = [
+        sink.run(stop),
+        follow(bootstrap, erasures, stop),
+        execute_erasures(bootstrap, executor, erasures, stop),
+    ]
+    if settings.clickhouse_url is None:
+        tasks.append(serve_sql(ch, settings.data_dir, stop))
     try:
-        await asyncio.gather(sink.run(stop), *extra)
+        await asyncio.gather(*tasks)
     finally:
         await sink.stop()
         ch.close()

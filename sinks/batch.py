@@ -76,6 +76,14 @@ class EventBatch:
             part.rows = len(part.columns[EVENT_FIELDS[0]])
         return halves
 
+    def keep(self, mask: list[bool]) -> EventBatch:
+        """A batch of the rows whose mask entry is true (offsets stay with the caller's batch)."""
+        part = EventBatch()
+        for name, values in self.columns.items():
+            part.columns[name].extend(v for v, k in zip(values, mask, strict=True) if k)
+        part.rows = sum(mask)
+        return part
+
     def row(self, index: int) -> dict[str, Any]:
         """One row as a record (for the dead-letter topic)."""
         return {name: values[index] for name, values in self.columns.items()}

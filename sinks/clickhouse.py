@@ -115,27 +115,31 @@ class ServerClickHouse:
             send_receive_timeout=60,
             connect_timeout=5,
         )
+        self._lock = threading.Lock()  # the driver's client is not thread-safe
         self.features = Features(_version(self._client.execute("SELECT version()")[0][0]))
 
     def execute(self, sql: str) -> None:
         """Run a statement."""
-        self._client.execute(sql)
+        with self._lock:
+            self._client.execute(sql)
 
     def query_tsv(self, sql: str) -> str:
         """Run a query and return its rows tab-separated, one per line."""
-        rows = self._client.execute(sql)
+        with self._lock:
+            rows = self._client.execute(sql)
         return "".join("\t".join(_tsv(v) for v in row) + "\n" for row in rows)
 
     def insert_columns(
         self, table: str, columns: Sequence[str], data: Sequence[list[Any]], select: Sequence[str]
     ) -> None:
         """One columnar insert over the native protocol (`select` is for chdb only)."""
-        self._client.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES",
-            list(data),
-            columnar=True,
-            types_check=False,
-        )
+        with self._lock:
+            self._client.execute(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES",
+                list(data),
+                columnar=True,
+                types_check=False,
+            )
 
     def close(self) -> None:
         """Disconnect."""

@@ -49,9 +49,9 @@ def migrations() -> list[tuple[int, str, str]]:
 
 def statements(template: str, features: Features) -> list[str]:
     """The statements of one migration, rendered for this server."""
-    sql = Template(template).substitute(placeholders(features))
-    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
-    return [s.strip() for s in body.split(";") if s.strip()]
+    body = "\n".join(line for line in template.splitlines() if not line.lstrip().startswith("--"))
+    sql = Template(body).substitute(placeholders(features))  # a literal $ is written $$
+    return [s.strip() for s in sql.split(";") if s.strip()]
 
 
 def migrate(ch: ClickHouse) -> list[int]:
