@@ -214,11 +214,7 @@ def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    try:
-        from bench.run import main as run_bench
-    except ModuleNotFoundError:  # bench/ lives in the source tree beside the packages
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from bench.run import main as run_bench
+    from bench.run import main as run_bench
 
     return run_bench(args.quick, Path(args.json) if args.json else None)
 

@@ -1,0 +1,68 @@
+"""`millimetric bench [--quick] [--json FILE]`: every stage beside its baseline, one table.
+
+Each stage bench starts its own broker (and stores), so one stage's topics never feed the next;
+the end-to-end bench runs last and uses the slowest stage's throughput as its baseline.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import end_to_end, gateway, processor, sink
+from bench.table import Row, markdown, write_json
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """How long and how much each bench runs."""
+
+    seconds: float  # each load of the gateway and end-to-end benches
+    processor_events: int
+    sink_rows: int
+
+
+QUICK = Sizes(seconds=6, processor_events=20_000, sink_rows=60_000)
+FULL = Sizes(seconds=20, processor_events=100_000, sink_rows=300_000)
+
+
+def machine() -> str:
+    """CPU model and count, for the report."""
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(
+            line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line
+        )
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor()
+    import os
+
+    return f"{os.cpu_count()} CPUs, {model}, Python {platform.python_version()}"
+
+
+def main(quick: bool, json_path: Path | None) -> int:
+    """Run every bench, print the table, write the JSON rows."""
+    sizes = QUICK if quick else FULL
+    root = Path(tempfile.mkdtemp(prefix="millimetric-bench-"))
+    started = time.monotonic()
+    print(f"millimetric bench ({'quick' if quick else 'full'}) on {machine()}; logs in {root}")
+    rows: list[Row] = []
+    gw_rows, gw = gateway.run(root / "gateway", sizes.seconds)
+    rows += gw_rows
+    proc_rows, proc_eps = processor.run(root / "processor", sizes.processor_events)
+    rows += proc_rows
+    sink_rows, sink_rps = sink.run(root / "sink", sizes.sink_rows)
+    rows += sink_rows
+    slowest = min(gw.batch_eps, proc_eps, sink_rps)
+    rows += end_to_end.run(root / "end_to_end", sizes.seconds, slowest)
+    print(markdown(rows))
+    print(f"took {time.monotonic() - started:.0f}s")
+    if json_path is not None:
+        write_json(rows, json_path)
+        print(f"wrote {json_path}")
+    return 0
