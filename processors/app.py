@@ -130,7 +130,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                 except Exception as error:  # one bad record must not stop the partition
                     await dead_letter(value, error)
                     continue
-                await enriched_topic.send(key=key, value=encode(out))
+                # Buffered, not awaited per event: Faust flushes (and waits for the acks)
+                # before it commits the batch's offsets.
+                enriched_topic.send_soon(key=key, value=encode(out))
 
     @app.agent(links_topic)
     async def remember_devices(stream: faust.StreamT[bytes]) -> None:
