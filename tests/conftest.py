@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +37,6 @@ def ch_server() -> Iterator[str | ClickHouseServer]:
 
 
 def _external_ch() -> bool:
-    import os
-
     return bool(os.environ.get("MILLIMETRIC_TEST_CLICKHOUSE_URL"))
 
 

@@ -20,73 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from ingest.dev import EmbeddedBroker, free_port, wait_for_port
-
-CLICKHOUSE_SERVER_BIN = "/usr/sbin/clickhouse-server"
-
-CLICKHOUSE_CONFIG = """<?xml version="1.0"?>
-<yandex>
-  <logger><level>warning</level><console>1</console></logger>
-  <tcp_port>{tcp}</tcp_port>
-  <http_port>{http}</http_port>
-  <listen_host>127.0.0.1</listen_host>
-  <path>{root}/data/</path>
-  <tmp_path>{root}/tmp/</tmp_path>
-  <user_files_path>{root}/user_files/</user_files_path>
-  <format_schema_path>{root}/format_schemas/</format_schema_path>
-  <users_config>users.xml</users_config>
-  <default_profile>default</default_profile>
-  <default_database>default</default_database>
-  <timezone>UTC</timezone>
-  <mark_cache_size>104857600</mark_cache_size>
-  <mlock_executable>false</mlock_executable>
-</yandex>
-"""
-
-CLICKHOUSE_USERS = """<?xml version="1.0"?>
-<yandex>
-  <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
-  <users><default><password></password><networks><ip>127.0.0.1</ip></networks>
-    <profile>default</profile><quota>default</quota></default></users>
-  <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
-    <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time>
-  </interval></default></quotas>
-</yandex>
-"""
-
-
-class ClickHouseServer:
-    """Debian's clickhouse-server with its own config and data dir; can be stopped and restarted."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tcp, self.http = free_port(), free_port()
-        (root / "config.xml").write_text(
-            CLICKHOUSE_CONFIG.format(tcp=self.tcp, http=self.http, root=root)
-        )
-        (root / "users.xml").write_text(CLICKHOUSE_USERS)
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, database: str) -> str:
-        """A clickhouse:// URL for one database on this server."""
-        return f"clickhouse://default:@127.0.0.1:{self.tcp}/{database}"
-
-    def start(self) -> None:
-        """Start the server and wait until it accepts native connections."""
-        self._proc = subprocess.Popen(
-            [CLICKHOUSE_SERVER_BIN, f"--config-file={self.root / 'config.xml'}"],
-            cwd=self.root,
-            stdout=(self.root / "server.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.tcp, 60)
-
-    def stop(self) -> None:
-        """Stop the server (its data stays)."""
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(30)
-            self._proc = None
+from bench.services import ClickHouseServer
+from ingest.dev import EmbeddedBroker, free_port
 
 
 @contextmanager
