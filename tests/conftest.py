@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.services import CLICKHOUSE_SERVER_BIN, ClickHouseServer
 from tests.redis_service import RedisServer, running_redis
-from tests.services import CLICKHOUSE_SERVER_BIN, ClickHouseServer, clickhouse_server, kafka_broker
+from tests.services import clickhouse_server, kafka_broker
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from bench.services import ClickHouseServer
 from ingest.records import encode
 from ingest.topics import ensure_topics, topic
-from tests.services import ClickHouseServer, Pipeline
+from tests.services import Pipeline
 
 T0 = 1_795_000_000_000  # a fixed instant, so rollup days are deterministic
 
