@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         description="A MaxMind-format country database (GeoLite2-Country, DB-IP Lite); "
         "unset: country is empty unless an edge header gives it.",
     )
+    project_rules_path: Path | None = Field(
+        None, description="A TOML file of per-project attribution rules, run before the "
+        "built-ins: `[[demo]]` tables shaped like `processors/attribution.toml`'s rules.")
+    drop_bots: bool = Field(
+        False, description="Drop events whose User-Agent is a crawler or monitor (otherwise "
+        "they are kept with `is_bot = 1`).")
     redis_url: str | None = Field(
         None,
         description="Redis for rate limits shared by several gateways; unset: in-memory "

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -38,6 +40,15 @@ BYTES: dict[str, Any] = {
     "key_serializer": "raw",
     "value_serializer": "raw",
 }
+
+
+def project_classifiers(path: Path | None) -> dict[str, Classifier]:
+    """Per-project classifiers from the rules file (`[[project]]` arrays of rules)."""
+    if path is None:
+        return {}
+    with path.open("rb") as f:
+        table = tomllib.load(f)
+    return {project: Classifier(rules) for project, rules in table.items()}
 
 
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
@@ -77,12 +88,15 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     user_devices = app.Table(
         "user-devices", partitions=links.partitions, schema=faust.Schema(**BYTES)
     )
+    countries = CountryLookup(settings.geoip_path)
+    log.warning("geo: %s", countries.description)  # the one place that says whether geo is on
     enricher = Enricher(
         settings.ip_salt_value(),
         settings.session_timeout_min,
         Classifier(),
         UserAgentParser(),
-        CountryLookup(settings.geoip_path),
+        countries,
+        project_classifiers(settings.project_rules_path),
     )
 
     async def dead_letter(value: bytes, error: Exception) -> None:
@@ -129,6 +143,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                     out = enricher.enrich(record, known.decode() if known else None)
                 except Exception as error:  # one bad record must not stop the partition
                     await dead_letter(value, error)
+                    continue
+                if out["is_bot"] and settings.drop_bots:
                     continue
                 # Buffered, not awaited per event: Faust flushes (and waits for the acks)
                 # before it commits the batch's offsets.

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -55,10 +56,12 @@ class Enricher:
         classifier: Classifier,
         user_agents: UserAgentParser,
         countries: CountryLookup,
+        project_classifiers: Mapping[str, Classifier] | None = None,
     ) -> None:
         self._ips = DailyIpHasher(ip_salt)
         self._bucket_ms = session_minutes * 60_000
         self._classifier = classifier
+        self._project_classifiers = project_classifiers or {}
         self._user_agents = user_agents
         self._countries = countries
 
@@ -71,7 +74,8 @@ class Enricher:
         ts = raw["timestamp"]
         ctx = raw["context"]
         ip = ctx.get("ip")
-        source = self._classifier.classify(raw["url"], raw["referrer"])
+        classifier = self._project_classifiers.get(project, self._classifier)
+        source = classifier.classify(raw["url"], raw["referrer"])
         device = self._user_agents.parse(ctx.get("user_agent"))
         country = country_from_edge_header(ctx.get("country")) or self._countries.country(ip)
         # An identify's properties are its traits (the identities table keeps the latest).

@@ -171,3 +171,60 @@ def test_dev_command_as_the_readme_shows(tmp_path: Path) -> None:
         finally:
             dev.send_signal(signal.SIGINT)
             dev.wait(60)
+
+
+PROJECT_RULES = """
+[[demo]]
+id = "demo.newsletter"
+channel = "Email"
+confidence = 1.0
+utm_source = ["newsletter"]
+why = "our newsletter tags links with utm_source=newsletter and no medium"
+"""
+
+CHROME_WINDOWS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Safari/537.36"
+)
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+
+
+def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
+    fresh_broker: str, data_dir: Path, tmp_path: Path
+) -> None:
+    from tests.mmdb_fixture import write_country_mmdb
+
+    geo = write_country_mmdb(tmp_path / "country.mmdb", {"81.2.69.0/24": "GB"})
+    rules = tmp_path / "rules.toml"
+    rules.write_text(PROJECT_RULES)
+    p = Pipeline(
+        fresh_broker,
+        None,
+        data_dir,
+        {
+            "MILLIMETRIC_GEOIP_PATH": str(geo),
+            "MILLIMETRIC_PROJECT_RULES_PATH": str(rules),
+            "MILLIMETRIC_DROP_BOTS": "true",
+        },
+    ).start()
+    try:
+        human = p.post(
+            "/v1/track",
+            {
+                "event": "open",
+                "url": "https://s.example/?utm_source=newsletter",
+                "ip": "81.2.69.160",
+                "user_agent": CHROME_WINDOWS,
+            },
+        ).json()["event_id"]
+        p.post("/v1/track", {"event": "crawl", "user_agent": GOOGLEBOT, "ip": "81.2.69.1"})
+        # (httpx's own User-Agent is a bot too: a person is forwarded explicitly)
+        p.post("/v1/track", {"event": "after", "user_agent": CHROME_WINDOWS})
+        p.wait_for("SELECT event FROM events ORDER BY event", "after\nopen\n")
+        row = p.sql(
+            "SELECT channel, source_rule_id, country, device_type, browser, os, is_bot, "
+            f"length(ip_hash) FROM events WHERE event_id = '{human}'"
+        )
+        assert row == "Email\tdemo.newsletter\tGB\tdesktop\tChrome\tWindows\t0\t32\n"
+    finally:
+        p.stop()
