@@ -84,10 +84,15 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     links_topic = app.topic(links.name, partitions=links.partitions, **BYTES)
     forgets_topic = app.topic(forgets.name, partitions=forgets.partitions, **BYTES)
     erasures_topic = app.topic(erasures.name, partitions=erasures.partitions, **BYTES)
-    identities = app.Table("identities", partitions=raw.partitions, schema=faust.Schema(**BYTES))
-    user_devices = app.Table(
-        "user-devices", partitions=links.partitions, schema=faust.Schema(**BYTES)
-    )
+    # key_type/value_type, not only the schema, decide how the changelog is read back: without
+    # them Faust decodes raw bytes as JSON on recovery and waits forever for dropped records.
+    table: dict[str, Any] = {
+        "key_type": bytes,
+        "value_type": bytes,
+        "schema": faust.Schema(**BYTES),
+    }
+    identities = app.Table("identities", partitions=raw.partitions, **table)
+    user_devices = app.Table("user-devices", partitions=links.partitions, **table)
     countries = CountryLookup(settings.geoip_path)
     log.warning("geo: %s", countries.description)  # the one place that says whether geo is on
     enricher = Enricher(
