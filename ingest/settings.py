@@ -69,11 +69,15 @@ class Settings(BaseSettings):
         "unset: country is empty unless an edge header gives it.",
     )
     project_rules_path: Path | None = Field(
-        None, description="A TOML file of per-project attribution rules, run before the "
-        "built-ins: `[[demo]]` tables shaped like `processors/attribution.toml`'s rules.")
+        None,
+        description="A TOML file of per-project attribution rules, run before the "
+        "built-ins: `[[demo]]` tables shaped like `processors/attribution.toml`'s rules.",
+    )
     drop_bots: bool = Field(
-        False, description="Drop events whose User-Agent is a crawler or monitor (otherwise "
-        "they are kept with `is_bot = 1`).")
+        False,
+        description="Drop events whose User-Agent is a crawler or monitor (otherwise "
+        "they are kept with `is_bot = 1`).",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis for rate limits shared by several gateways; unset: in-memory "
@@ -97,6 +101,11 @@ class Settings(BaseSettings):
     processor_batch_size: int = Field(1000, description="Events the processor handles per step.")
     processor_batch_seconds: float = Field(
         0.05, description="Longest the processor waits to fill a step."
+    )
+    processor_port: int | None = Field(
+        None,
+        description="Serve the processor's `GET /ready` (geo database loaded or not) on "
+        "127.0.0.1:PORT; unset: no HTTP server in the processor.",
     )
     processor_producer_max_batch_size: int | None = Field(
         None,

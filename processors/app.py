@@ -63,7 +63,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         "millimetric-processor",
         broker=f"kafka://{bootstrap}",
         store="memory://",
-        web_enabled=False,
+        web_enabled=settings.processor_port is not None,
+        web_port=settings.processor_port or 6066,
+        web_bind="127.0.0.1",
         datadir=tempfile.mkdtemp(prefix="millimetric-processor-"),
         topic_partitions=raw.partitions,
         topic_replication_factor=settings.kafka_replication_factor,
@@ -94,7 +96,15 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     identities = app.Table("identities", partitions=raw.partitions, **table)
     user_devices = app.Table("user-devices", partitions=links.partitions, **table)
     countries = CountryLookup(settings.geoip_path)
-    log.warning("geo: %s", countries.description)  # the one place that says whether geo is on
+    log.warning("geo: %s", countries.description)
+
+    @app.page("/ready")
+    async def ready(web: Any, request: Any) -> Any:
+        """Whether the worker runs with a geo database (country is empty without one)."""
+        return web.json(
+            {"ok": True, "geo_available": countries.available, "geo": countries.description}
+        )
+
     enricher = Enricher(
         settings.ip_salt_value(),
         settings.session_timeout_min,

@@ -197,6 +197,7 @@ def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
     geo = write_country_mmdb(tmp_path / "country.mmdb", {"81.2.69.0/24": "GB"})
     rules = tmp_path / "rules.toml"
     rules.write_text(PROJECT_RULES)
+    processor_port = free_port()
     p = Pipeline(
         fresh_broker,
         None,
@@ -205,6 +206,7 @@ def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
             "MILLIMETRIC_GEOIP_PATH": str(geo),
             "MILLIMETRIC_PROJECT_RULES_PATH": str(rules),
             "MILLIMETRIC_DROP_BOTS": "true",
+            "MILLIMETRIC_PROCESSOR_PORT": str(processor_port),
         },
     ).start()
     try:
@@ -226,5 +228,8 @@ def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
             f"length(ip_hash) FROM events WHERE event_id = '{human}'"
         )
         assert row == "Email\tdemo.newsletter\tGB\tdesktop\tChrome\tWindows\t0\t32\n"
+        # The worker that did this says it has a geo database.
+        ready = httpx.get(f"http://127.0.0.1:{processor_port}/ready", timeout=10).json()
+        assert ready["geo_available"] is True and "GeoLite2-Country" in ready["geo"]
     finally:
         p.stop()
