@@ -246,6 +246,32 @@ def _preflight(gw: Gateway, request: Request) -> Response:
     )
 
 
+async def _forget_status(request: Request) -> Response:
+    """GET /v1/forget/{forget_id}: pending until a sink has carried the forget out (sk_ keys)."""
+    gw: Gateway = request.app.state.gateway
+    try:
+        who = gw.keys.authenticate(
+            request.headers.get("authorization"), request.headers.get("origin"), "forget"
+        )
+    except AuthError as error:
+        return error_response(error.code)
+    forget_id = request.path_params["forget_id"]
+    status = gw.keys.forget_status(who.project, forget_id)
+    if status is None:
+        return json_response({"ok": True, "forget_id": forget_id, "status": "pending"}, 200)
+    counts = ("anonymous_ids", "events_deleted", "sessions_deleted", "identities_deleted")
+    return json_response(
+        {
+            "ok": True,
+            "forget_id": forget_id,
+            "status": status["status"],
+            **{name: status[name] for name in counts},  # type: ignore[literal-required]
+            "duration_ms": status["completed_at"] - status["requested_at"],
+        },
+        200,
+    )
+
+
 async def _health(request: Request) -> Response:
     return json_response({"ok": True}, 200)
 
@@ -281,6 +307,7 @@ def build_app(settings: Settings, bootstrap: str) -> Starlette:
             await gateway.stop()
 
     routes = [Route(f"/v1/{name}", _endpoint(name), methods=["POST", "OPTIONS"]) for name in ROUTES]
+    routes += [Route("/v1/forget/{forget_id}", _forget_status, methods=["GET"])]
     routes += [Route("/health", _health), Route("/ready", _ready)]
     routes += [Route("/openapi.json", _openapi)]
     app = Starlette(

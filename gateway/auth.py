@@ -17,7 +17,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway.rate_limit import Limit
-from ingest.records import ApiKeyRecord, ProjectLimitRecord, decode, hash_api_key
+from ingest.records import (
+    ApiKeyRecord,
+    ForgetStatusRecord,
+    ProjectLimitRecord,
+    decode,
+    hash_api_key,
+)
 from ingest.topics import topic
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ class KeyStore:
         self._bootstrap = bootstrap_servers
         self._keys: dict[str, ApiKeyRecord] = {}
         self._limits: dict[tuple[str, str], Limit] = {}
+        self._forgets: dict[str, ForgetStatusRecord] = {}
         self._origins: frozenset[str] = frozenset()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -97,9 +104,13 @@ class KeyStore:
                 self.loaded.set()
 
     def apply(self, record: dict[str, Any]) -> None:
-        """Apply one record from the keys topic (a key, a revocation or a project limit)."""
+        """Apply one record from the keys topic (a key, a revocation, a project limit or a
+        forget's outcome)."""
         if record.get("record") == "project_limit":
             self._apply_limit(record)  # type: ignore[arg-type]
+            return
+        if record.get("record") == "forget_status":
+            self._forgets[record["forget_id"]] = record  # type: ignore[assignment]
             return
         if record["revoked_at"] is not None:
             self._keys.pop(record["key_hash"], None)
@@ -122,6 +133,11 @@ class KeyStore:
     def limit_override(self, project: str, route: str) -> Limit | None:
         """The project's own limit on `route`, if `millimetric keys limits` set one."""
         return self._limits.get((project, route))
+
+    def forget_status(self, project: str, forget_id: str) -> ForgetStatusRecord | None:
+        """A finished forget of this project (None while pending, or for another project's id)."""
+        status = self._forgets.get(forget_id)
+        return status if status is not None and status["project"] == project else None
 
     def origin_known(self, origin: str) -> bool:
         """Whether any pk_ key allows this Origin (answers CORS preflights, which carry no key)."""

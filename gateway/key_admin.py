@@ -30,9 +30,12 @@ def new_raw_key(kind: str, env: str) -> str:
 
 
 def record_topic_key(record: Any) -> bytes:
-    """The compaction key of a keys-topic record: the key hash, or `limit:{project}:{route}`."""
+    """The compaction key of a keys-topic record: the key hash, `limit:{project}:{route}` or
+    `forget:{forget_id}`."""
     if record.get("record") == "project_limit":
         return f"limit:{record['project']}:{record['route']}".encode()
+    if record.get("record") == "forget_status":
+        return f"forget:{record['forget_id']}".encode()
     return str(record["key_hash"]).encode()
 
 
@@ -75,7 +78,7 @@ async def read_key_records(bootstrap: str) -> list[Any]:
 
 def current_keys(records: list[Any]) -> dict[str, ApiKeyRecord]:
     """The latest record of every key hash (what compaction keeps)."""
-    return {r["key_hash"]: r for r in records if r.get("record") != "project_limit"}
+    return {r["key_hash"]: r for r in records if "record" not in r}
 
 
 def current_limits(records: list[Any]) -> dict[tuple[str, str], ProjectLimitRecord]:

@@ -19,6 +19,7 @@ from gateway.responses import (
     BatchAccepted,
     ErrorBody,
     ForgetAccepted,
+    ForgetStatus,
     Health,
     Ready,
     TrackAccepted,
@@ -92,7 +93,7 @@ def _json(model: str) -> dict[str, Any]:
 def build_openapi(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a gateway running with `settings`."""
     models: list[type[BaseModel]] = [m for _, req, ok in OPERATIONS.values() for m in (req, ok)]
-    models += [ErrorBody, Health, Ready]
+    models += [ErrorBody, ForgetStatus, Health, Ready]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = top["$defs"]
     events = schemas["BatchBody"]["properties"]["events"]
@@ -125,6 +126,27 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                     **_error_responses(["origin_not_allowed"]),
                 },
             }
+    paths["/v1/forget/{forget_id}"] = {
+        "get": {
+            "operationId": "forget_status",
+            "summary": "Whether a forget is done, with what it deleted (sk_ keys only).",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {"name": "forget_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {"description": "Its status.", "content": _json("ForgetStatus")},
+                **_error_responses(
+                    [
+                        "missing_api_key",
+                        "malformed_api_key",
+                        "invalid_api_key",
+                        "forget_requires_secret_key",
+                    ]
+                ),
+            },
+        }
+    }
     paths["/health"] = {
         "get": {
             "operationId": "health",

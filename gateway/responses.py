@@ -40,6 +40,19 @@ class ForgetAccepted(_Strict):
     forget_id: str
 
 
+class ForgetStatus(_Strict):
+    """GET /v1/forget/{forget_id}: `pending` until a sink carried it out, then `done`."""
+
+    ok: Literal[True]
+    forget_id: str
+    status: Literal["pending", "done"]
+    anonymous_ids: int | None = None
+    events_deleted: int | None = None
+    sessions_deleted: int | None = None
+    identities_deleted: int | None = None
+    duration_ms: int | None = None
+
+
 class ErrorDetail(_Strict):
     """One thing wrong with the body; `index` is the event's position on /v1/batch."""
 

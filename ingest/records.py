@@ -124,6 +124,23 @@ class Erasure(TypedDict):
     requested_at: int
 
 
+class ForgetStatusRecord(TypedDict):
+    """A forget's outcome, put on the keys topic (which every gateway follows) by the sink that
+    carried it out. Keyed `forget:{forget_id}`."""
+
+    v: int
+    record: Literal["forget_status"]
+    forget_id: str
+    project: str
+    status: Literal["done"]
+    anonymous_ids: int
+    events_deleted: int
+    sessions_deleted: int
+    identities_deleted: int
+    requested_at: int
+    completed_at: int
+
+
 def record_key(project: str, anonymous_id: str | None, fallback: str) -> bytes:
     """Partition key: one visitor's events stay in order on one partition."""
     return f"{project}:{anonymous_id or fallback}".encode()

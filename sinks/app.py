@@ -213,7 +213,7 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     tasks = [
         sink.run(stop),
         follow(bootstrap, erasures, stop),
-        execute_erasures(bootstrap, executor, erasures, stop),
+        execute_erasures(bootstrap, executor, erasures, sink.producer, stop),
     ]
     if settings.clickhouse_url is None:
         tasks.append(serve_sql(ch, settings.data_dir, stop))

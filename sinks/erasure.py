@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ingest.records import Erasure, decode
+from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.topics import topic
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse
@@ -149,7 +149,9 @@ class ErasureExecutor:
             "forget_audit", list(columns), list(columns.values()), list(columns)
         )
 
-    def execute(self, erasure: Erasure, sleep: Callable[[float], None] = time.sleep) -> None:
+    def execute(
+        self, erasure: Erasure, sleep: Callable[[float], None] = time.sleep
+    ) -> ForgetStatusRecord:
         """Delete everything of the person, wait, verify, record. Blocking; run in a thread."""
         self._audit(erasure, "pending", (0, 0, 0, 0))
         project = _quote(erasure["project"])
@@ -193,12 +195,30 @@ class ErasureExecutor:
             sessions,
             identities,
         )
+        return {
+            "v": 1,
+            "record": "forget_status",
+            "forget_id": erasure["forget_id"],
+            "project": erasure["project"],
+            "status": "done",
+            "anonymous_ids": len(devices),
+            "events_deleted": events,
+            "sessions_deleted": sessions,
+            "identities_deleted": identities,
+            "requested_at": erasure["requested_at"],
+            "completed_at": int(time.time() * 1000),
+        }
 
 
 async def execute_erasures(
-    bootstrap: str, executor: ErasureExecutor, erasures: ErasureFilter, stop: asyncio.Event
+    bootstrap: str,
+    executor: ErasureExecutor,
+    erasures: ErasureFilter,
+    producer: AIOKafkaProducer,
+    stop: asyncio.Event,
 ) -> None:
-    """One sink of the group carries out each erasure; its offset is committed once done."""
+    """One sink of the group carries out each erasure; its outcome goes on the keys topic (so
+    every gateway can answer for it) before its offset is committed."""
     consumer = AIOKafkaConsumer(
         topic("erasures").name,
         bootstrap_servers=bootstrap,
@@ -214,7 +234,12 @@ async def execute_erasures(
                     erasure: Erasure = decode(message.value)
                     while erasure["forget_id"] not in erasures.seen:  # our own filter first
                         await asyncio.sleep(0.1)
-                    await asyncio.to_thread(executor.execute, erasure)
+                    status = await asyncio.to_thread(executor.execute, erasure)
+                    await producer.send_and_wait(
+                        topic("keys").name,
+                        encode(status),
+                        key=f"forget:{status['forget_id']}".encode(),
+                    )
                     await consumer.commit({tp: message.offset + 1})
     finally:
         await consumer.stop()

@@ -551,7 +551,9 @@ async def test_openapi_is_generated_from_the_models_and_the_table(gw: Gw) -> Non
     doc = (await gw.client.get("/openapi.json")).json()
     assert doc == orjson.loads(orjson.dumps(build_openapi(gw.app.state.gateway.settings)))
     assert set(OPERATIONS) == set(ROUTES)
-    assert {p for p in doc["paths"] if p.startswith("/v1/")} == {f"/v1/{r}" for r in ROUTES}
+    assert {p for p in doc["paths"] if p.startswith("/v1/")} == {f"/v1/{r}" for r in ROUTES} | {
+        "/v1/forget/{forget_id}"
+    }
     schemas = doc["components"]["schemas"]
     for model in (TrackBody, IdentifyBody, ForgetBody):
         expected = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -575,6 +577,17 @@ async def test_openapi_is_generated_from_the_models_and_the_table(gw: Gw) -> Non
     assert forget["content"]["application/json"]["schema"]["properties"]["error"]["enum"] == [
         "forget_requires_secret_key"
     ]
+
+
+async def test_forget_status_is_pending_until_a_sink_reports_it(gw: Gw) -> None:
+    r = await gw.client.get("/v1/forget/fgt_0123", headers={"Authorization": f"Bearer {gw.sk}"})
+    assert r.status_code == 200 and r.json() == {
+        "ok": True,
+        "forget_id": "fgt_0123",
+        "status": "pending",
+    }
+    r = await gw.client.get("/v1/forget/fgt_0123", headers={"Authorization": f"Bearer {gw.pk}"})
+    assert r.status_code == 403 and r.json()["error"] == "forget_requires_secret_key"
 
 
 # --- fuzz -----------------------------------------------------------------------------------

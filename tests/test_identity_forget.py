@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.services import Pipeline
@@ -84,6 +85,18 @@ def test_forget_erases_both_devices_and_their_sessions(pipeline: Pipeline) -> No
     status = forget_status(pipeline, r.json()["forget_id"])
     assert status["status"] == "done", status
     assert status["events_deleted"] == 6 and status["anonymous_ids"] == 2
+    # The gateway answers for it too (sk_ keys), from the keys topic every gateway follows.
+    forget_id = r.json()["forget_id"]
+    deadline = time.monotonic() + 10
+    answer = {}
+    while time.monotonic() < deadline and answer.get("status") != "done":
+        answer = httpx.get(
+            f"{pipeline.base_url}/v1/forget/{forget_id}",
+            timeout=10,
+            headers={"Authorization": f"Bearer {pipeline.key}"},
+        ).json()
+        time.sleep(0.2)
+    assert answer["status"] == "done" and answer["events_deleted"] == 6, answer
     assert pipeline.sql("SELECT event_id FROM events") == f"{bystander}\n"
     assert pipeline.sql("SELECT count() FROM identities") == "0\n"
     sessions = pipeline.sql("SELECT anyMerge(anonymous_id) FROM sessions GROUP BY session_id")
