@@ -51,11 +51,12 @@ TOPICS: dict[str, Topic] = {
     ),
     "keys": Topic(
         "millimetric.keys",
-        "sha256(api key)",
+        "sha256(api key), limit:…, forget:…",
         1,
         True,
         -1,
-        "API keys (hashes only) and revocations. Every gateway materializes it in memory.",
+        "What every gateway materializes in memory: API keys (hashes only) and revocations, "
+        "per-project rate limits, and the outcome of each forget.",
     ),
     "forgets": Topic(
         "millimetric.forgets",

@@ -234,12 +234,18 @@ async def execute_erasures(
                     erasure: Erasure = decode(message.value)
                     while erasure["forget_id"] not in erasures.seen:  # our own filter first
                         await asyncio.sleep(0.1)
-                    status = await asyncio.to_thread(executor.execute, erasure)
-                    await producer.send_and_wait(
-                        topic("keys").name,
-                        encode(status),
-                        key=f"forget:{status['forget_id']}".encode(),
-                    )
+                    try:
+                        status = await asyncio.to_thread(executor.execute, erasure)
+                        await producer.send_and_wait(
+                            topic("keys").name,
+                            encode(status),
+                            key=f"forget:{status['forget_id']}".encode(),
+                        )
+                    except Exception:  # ClickHouse or the broker away: this forget again, later
+                        log.exception("forget %s failed; retrying", erasure["forget_id"])
+                        consumer.seek(tp, message.offset)
+                        await asyncio.sleep(5)
+                        break
                     await consumer.commit({tp: message.offset + 1})
     finally:
         await consumer.stop()
