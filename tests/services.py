@@ -55,6 +55,17 @@ def kafka_broker() -> Iterator[str]:
         broker.stop()
 
 
+def wait_until_ready(base_url: str, logs: Path, timeout: float = 60) -> None:
+    """Wait until a gateway's /ready answers 200 (its logs are named in the error)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway not ready; see {logs}")
+
+
 class Stage:
     """One pipeline stage (`millimetric gateway|processor|sink`) as a child process."""
 
@@ -135,13 +146,7 @@ class Pipeline:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait until the gateway's /ready says ok."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"gateway not ready; see {self.root}")
+        wait_until_ready(self.base_url, self.root, timeout)
 
     def post(self, path: str, body: object, key: str | None = None) -> httpx.Response:
         """POST JSON to the gateway with the pipeline's key."""

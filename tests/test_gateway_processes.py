@@ -24,7 +24,7 @@ from gateway.rate_limit import Limit
 from ingest.dev import EmbeddedBroker, free_port
 from ingest.topics import ensure_topics
 from tests.redis_service import RedisServer
-from tests.services import Stage
+from tests.services import Stage, wait_until_ready
 from tests.test_gateway import raw_records
 
 PUBLISH_TIMEOUT_S = 1.0
@@ -55,13 +55,7 @@ class GatewayProcess:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(f"gateway not ready; see {self.stage.log}")
+        wait_until_ready(self.url, self.stage.log, timeout)
 
     def track(self, key: str, body: object = None) -> httpx.Response:
         return httpx.post(
