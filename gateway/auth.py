@@ -73,7 +73,7 @@ class KeyStore:
     async def start(self) -> None:
         """Begin reading the keys topic from its start; `loaded` is set once caught up."""
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, enable_auto_commit=False, fetch_max_wait_ms=500
+            bootstrap_servers=self._bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
         )
         await self._consumer.start()
         tp = TopicPartition(topic("keys").name, 0)

@@ -18,12 +18,15 @@ import json
 import logging
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 from ingest.settings import Settings
+
+KEY_PROPAGATION_S = 1.0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -93,6 +96,9 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
                 bootstrap, args.project, args.type, args.env, args.origin or [], idem
             )
         )
+        # Gateways pick a new key up within a few hundred ms: give them that before the
+        # caller's first request, so `KEY=$(millimetric keys create ...)` then curl just works.
+        time.sleep(KEY_PROPAGATION_S)
         print(
             f"created {args.type} key for project {args.project!r} (shown once; store it now):",
             file=sys.stderr,
