@@ -173,6 +173,17 @@ class Children:
 async def run(settings: Settings) -> None:
     """Run the pipeline until SIGINT/SIGTERM, then drain it front to back."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if running_dev_bootstrap(settings.data_dir) is not None:
+        sys.exit(f"millimetric dev: already running on {settings.data_dir} (see dev.json)")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((settings.gateway_host, settings.gateway_port))
+        except OSError as error:
+            sys.exit(
+                f"millimetric dev: cannot listen on {settings.gateway_host}:"
+                f"{settings.gateway_port} ({error.strerror}); set MILLIMETRIC_GATEWAY_PORT"
+            )
     broker = None
     bootstrap = settings.kafka_bootstrap_servers
     if bootstrap is None:
