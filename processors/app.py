@@ -216,4 +216,7 @@ def run(settings: Settings, bootstrap: str) -> None:
     """Run a processor worker until it is stopped (SIGINT/SIGTERM)."""
     app = build_app(settings, bootstrap)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    # Faust's terminal spinner lowers the root logger to DEBUG so that every log call spins it:
+    # every debug call on the hot path then builds a LogRecord. No spinner, no such cost.
+    worker.spinner = None
     worker.execute_from_commandline()
