@@ -139,11 +139,14 @@ class Proc:
         """Its VmHWM so far."""
         return peak_rss_mb(self.pid)
 
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM it (SIGKILL after `timeout`)."""
+    def stop(self, kill: bool = False, timeout: float = 20) -> None:
+        """SIGTERM it (SIGKILL after `timeout`), or SIGKILL it at once with `kill`."""
         if self.proc is None:
             return
-        self.proc.terminate()
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.services import ClickHouseServer
+from bench.services import ClickHouseServer, stage, wait_http_ok
 from ingest.dev import EmbeddedBroker, free_port
 
 
@@ -55,52 +55,6 @@ def kafka_broker() -> Iterator[str]:
         broker.stop()
 
 
-def wait_until_ready(base_url: str, logs: Path, timeout: float = 60) -> None:
-    """Wait until a gateway's /ready answers 200 (its logs are named in the error)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"gateway not ready; see {logs}")
-
-
-class Stage:
-    """One pipeline stage (`millimetric gateway|processor|sink`) as a child process."""
-
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.env = env
-        self.log = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Stage:
-        """Start the stage."""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest.cli", self.name],
-            env=self.env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def stop(self, kill: bool = False, timeout: float = 30) -> None:
-        """SIGTERM (graceful) or SIGKILL the stage and wait for it."""
-        if self.proc is None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
 class Pipeline:
     """A broker, gateway, processor and sink wired together, with one sk_ key."""
 
@@ -130,7 +84,7 @@ class Pipeline:
         if clickhouse_url:
             env["MILLIMETRIC_CLICKHOUSE_URL"] = clickhouse_url
         self.env = env
-        self.stages = {name: Stage(name, env, root) for name in ("sink", "processor", "gateway")}
+        self.stages = {name: stage(name, env, root) for name in ("sink", "processor", "gateway")}
         self.key = ""
 
     def start(self, *names: str) -> Pipeline:
@@ -146,7 +100,7 @@ class Pipeline:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait until the gateway's /ready says ok."""
-        wait_until_ready(self.base_url, self.root, timeout)
+        wait_http_ok(f"{self.base_url}/ready", timeout)
 
     def post(self, path: str, body: object, key: str | None = None) -> httpx.Response:
         """POST JSON to the gateway with the pipeline's key."""

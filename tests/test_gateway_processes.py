@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.services import stage, wait_http_ok
 from gateway.key_admin import create_key, revoke_key, set_project_limit
 from gateway.rate_limit import Limit
 from ingest.dev import EmbeddedBroker, free_port
 from ingest.topics import ensure_topics
 from tests.redis_service import RedisServer
-from tests.services import Stage, wait_until_ready
 from tests.test_gateway import raw_records
 
 PUBLISH_TIMEOUT_S = 1.0
@@ -37,7 +37,7 @@ class GatewayProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.stage = Stage(
+        self.stage = stage(
             "gateway",
             {
                 **os.environ,
@@ -55,7 +55,7 @@ class GatewayProcess:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        wait_until_ready(self.url, self.stage.log, timeout)
+        wait_http_ok(f"{self.url}/ready", timeout)
 
     def track(self, key: str, body: object = None) -> httpx.Response:
         return httpx.post(
