@@ -1,10 +1,11 @@
 """The processor: a Faust worker that enriches raw events, stitches identities, handles forgets.
 
-The raw agent takes events in batches (`stream.take_events`), so per event there is only the
-pure enrichment. Faust acks a batch after it is handled and flushes its producer before
-committing offsets, so an event is never committed before its enriched record is on the broker
-(at-least-once; the sink deduplicates). Records that cannot be handled go to the dead-letter
-topic.
+The raw agent takes events in steps (`stream.take_events`): per event there is only the pure
+enrichment, and the step's enriched records go out as one Kafka batch per partition
+(BatchPublisher). Faust acks a step only after its body returned, which is after the broker acked
+every enriched record, so an event's offset is never committed before its enriched record is on
+the broker (at-least-once; the sink deduplicates). Records that cannot be handled go to the
+dead-letter topic.
 
 State lives in changelog-backed Faust tables, each co-partitioned with the topic its agent reads:
 - `identities` (raw topic's key `project:anonymous_id` -> user_id): fills user_id in later events;
@@ -23,16 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaProducer
 
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.settings import Settings
 from ingest.topics import require
+from processors.batch_publisher import BatchPublisher
 from processors.classify import Classifier
 from processors.enrich import Enricher
 from processors.geo import CountryLookup
 from processors.useragent import UserAgentParser
 
 log = logging.getLogger(__name__)
+
+# Enriched records per producer batch: a 1,000-event step fills about one per partition.
+STEP_BATCH_BYTES = 512 * 1024
 
 BYTES: dict[str, Any] = {
     "key_type": bytes,
@@ -49,6 +55,17 @@ def project_classifiers(path: Path | None) -> dict[str, Classifier]:
     with path.open("rb") as f:
         table = tomllib.load(f)
     return {project: Classifier(rules) for project, rules in table.items()}
+
+
+def identity_link(identify: dict[str, Any]) -> IdentityLink:
+    """The identities-topic record an identify event produces."""
+    return {
+        "v": 1,
+        "project": identify["project"],
+        "at": identify["received_at"],
+        "anonymous_id": identify["anonymous_id"],
+        "user_id": identify["user_id"],
+    }
 
 
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
@@ -81,7 +98,6 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         **extra,
     )
     raw_topic = app.topic(raw.name, partitions=raw.partitions, **BYTES)
-    enriched_topic = app.topic(enriched.name, partitions=enriched.partitions, **BYTES)
     dead_topic = app.topic(dead.name, partitions=dead.partitions, **BYTES)
     links_topic = app.topic(links.name, partitions=links.partitions, **BYTES)
     forgets_topic = app.topic(forgets.name, partitions=forgets.partitions, **BYTES)
@@ -128,42 +144,52 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
 
     @app.agent(raw_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
-        async for events in stream.take_events(
-            settings.processor_batch_size, within=settings.processor_batch_seconds
-        ):
-            for event in events:
-                key, value = event.key, event.value
-                try:
-                    record = decode(value)
-                    kind = record["type"]
-                    if kind == "forget":
-                        # Tables pick the changelog partition from the current event, which
-                        # take_events does not set per item.
-                        stream._set_current_event(event)
-                        identities.pop(key, None)
+        # A producer of its own, so a step's records go out as whole batches (BatchPublisher).
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            enable_idempotence=settings.kafka_idempotence,
+            linger_ms=settings.kafka_linger_ms,
+            compression_type=settings.kafka_compression,
+            max_batch_size=settings.processor_producer_max_batch_size or STEP_BATCH_BYTES,
+        )
+        await producer.start()
+        publisher = BatchPublisher(producer, enriched.name, enriched.partitions)
+        try:
+            async for events in stream.take_events(
+                settings.processor_batch_size, within=settings.processor_batch_seconds
+            ):
+                out: list[tuple[bytes, bytes]] = []
+                for event in events:
+                    key, value = event.key, event.value
+                    try:
+                        record = decode(value)
+                        kind = record["type"]
+                        if kind == "forget":
+                            # Tables pick the changelog partition from the current event,
+                            # which take_events does not set per item.
+                            stream._set_current_event(event)
+                            identities.pop(key, None)
+                            continue
+                        if kind == "identify":
+                            stream._set_current_event(event)
+                            identities[key] = record["user_id"].encode()
+                            await links_topic.send(
+                                key=f"{record['project']}:{record['user_id']}".encode(),
+                                value=encode(identity_link(record)),
+                            )
+                        known = identities.get(key) if record["user_id"] is None else None
+                        enriched_event = enricher.enrich(record, known.decode() if known else None)
+                    except Exception as error:  # one bad record must not stop the partition
+                        await dead_letter(value, error)
                         continue
-                    if kind == "identify":
-                        stream._set_current_event(event)
-                        identities[key] = record["user_id"].encode()
-                        link: IdentityLink = {
-                            "v": 1,
-                            "project": record["project"],
-                            "at": record["received_at"],
-                            "anonymous_id": record["anonymous_id"],
-                            "user_id": record["user_id"],
-                        }
-                        user_key = f"{record['project']}:{record['user_id']}".encode()
-                        await links_topic.send(key=user_key, value=encode(link))
-                    known = identities.get(key) if record["user_id"] is None else None
-                    out = enricher.enrich(record, known.decode() if known else None)
-                except Exception as error:  # one bad record must not stop the partition
-                    await dead_letter(value, error)
-                    continue
-                if out["is_bot"] and settings.drop_bots:
-                    continue
-                # Buffered, not awaited per event: Faust flushes (and waits for the acks)
-                # before it commits the batch's offsets.
-                enriched_topic.send_soon(key=key, value=encode(out))
+                    if enriched_event["is_bot"] and settings.drop_bots:
+                        continue
+                    out.append((key, encode(enriched_event)))
+                # take_events acks the step after this body: only once every record is acked.
+                await publisher.publish(out)
+        finally:
+            await producer.stop()
 
     @app.agent(links_topic)
     async def remember_devices(stream: faust.StreamT[bytes]) -> None:
