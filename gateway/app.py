@@ -8,16 +8,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from gateway.auth import ROUTE_KINDS, AuthError, KeyStore, Principal
 from gateway.client_context import ClientContext
@@ -30,12 +31,13 @@ from gateway.rate_limit import (
     RedisRateLimiter,
     load_default_limits,
 )
-from gateway.responses import error_response, json_response
+from gateway.responses import error_response, json_response, send_json
 from gateway.validate import InvalidBody, Validator
-from ingest.records import encode, record_key
+from ingest.records import Context, encode, record_key
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 
+Headers = dict[str, str]  # lower-case names, as ASGI servers pass them
 JSON_TYPES = ("application/json", "text/plain")  # text/plain: navigator.sendBeacon's default
 CORS_HEADERS = "authorization, content-type"
 
@@ -82,12 +84,12 @@ class Gateway:
         await self.publisher.stop()
         await self.limiter.close()
 
-    async def read_body(self, request: Request, limit: int) -> bytes:
+    async def read_body(self, headers: Headers, receive: Receive, limit: int) -> bytes:
         """Check the content type and size (before reading it all) and return the body."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in JSON_TYPES:
             raise InvalidBody("unsupported_media_type")
-        declared = request.headers.get("content-length")
+        declared = headers.get("content-length")
         if declared is not None and not (declared.isascii() and declared.isdigit()):
             raise InvalidBody(
                 "invalid_json", [{"field": "(body)", "message": "bad Content-Length"}]
@@ -96,22 +98,22 @@ class Gateway:
             raise InvalidBody("payload_too_large")
         chunks: list[bytes] = []
         size = 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise InvalidBody("payload_too_large")
-                chunks.append(chunk)
-        except ClientDisconnect:  # nobody reads this answer; it only must not be a traceback
-            raise InvalidBody(
-                "invalid_json", [{"field": "(body)", "message": "cut short"}]
-            ) from None
-        return b"".join(chunks)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # Nobody reads this answer; it only must not be a traceback.
+                raise InvalidBody("invalid_json", [{"field": "(body)", "message": "cut short"}])
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise InvalidBody("payload_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-    def cors(self, request: Request, principal: Principal | None) -> dict[str, str]:
+    def cors(self, origin: str | None, principal: Principal | None) -> dict[str, str]:
         """CORS headers for browser callers: only Origins some pk_ key allows, and never for
         answers to another kind of key (so a browser page cannot read an sk_ key's answers)."""
-        origin = request.headers.get("origin")
         if origin is None or (principal is not None and principal.kind != "pk"):
             return {}
         if not self.keys.origin_known(origin):
@@ -128,7 +130,7 @@ class Accepted:
     answer: dict[str, Any]
 
 
-Parser = Callable[[Gateway, Request, bytes, Principal, int], Accepted]
+Parser = Callable[[Gateway, Context, bytes, Principal, int], Accepted]
 
 
 def _key(record: Any) -> bytes:
@@ -144,22 +146,18 @@ def _encoded(records: list[Any], key: Callable[[Any], bytes] = _key) -> list[tup
         raise InvalidBody("invalid_payload", [{"field": "(body)", "message": str(error)}]) from None
 
 
-def _track(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
-    record = gw.validator.track(body, who.project, gw.context.build(request), now, who.kind == "sk")
+def _track(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) -> Accepted:
+    record = gw.validator.track(body, who.project, ctx, now, who.kind == "sk")
     return Accepted(gw.raw_topic, _encoded([record]), {"ok": True, "event_id": record["event_id"]})
 
 
-def _identify(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
-    record = gw.validator.identify(
-        body, who.project, gw.context.build(request), now, who.kind == "sk"
-    )
+def _identify(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) -> Accepted:
+    record = gw.validator.identify(body, who.project, ctx, now, who.kind == "sk")
     return Accepted(gw.raw_topic, _encoded([record]), {"ok": True, "event_id": record["event_id"]})
 
 
-def _batch(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
-    records = gw.validator.batch(
-        body, who.project, gw.context.build(request), now, who.kind == "sk"
-    )
+def _batch(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) -> Accepted:
+    records = gw.validator.batch(body, who.project, ctx, now, who.kind == "sk")
     return Accepted(
         gw.raw_topic,
         _encoded(records),
@@ -167,7 +165,7 @@ def _batch(gw: Gateway, request: Request, body: bytes, who: Principal, now: int)
     )
 
 
-def _forget(gw: Gateway, request: Request, body: bytes, who: Principal, now: int) -> Accepted:
+def _forget(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) -> Accepted:
     record = gw.validator.forget(body, who.project, now)
     subject = record["user_id"] or record["anonymous_id"]
     return Accepted(
@@ -186,52 +184,63 @@ ROUTES: dict[str, tuple[Parser, str]] = {
 }
 
 
-def _endpoint(route: str) -> Callable[[Request], Awaitable[Response]]:
-    parse, limit_field = ROUTES[route]
+def _headers(scope: Scope) -> Headers:
+    # One pass over the raw list; reversed so the first of repeated headers wins, as in Starlette.
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
 
-    async def endpoint(request: Request) -> Response:
-        gw: Gateway = request.app.state.gateway
-        if request.method == "OPTIONS":
-            return _preflight(gw, request)
+
+class IngestEndpoint:
+    """POST /v1/<route> as a bare ASGI app: the hot path builds no Request or Response objects."""
+
+    def __init__(self, gateway: Gateway, route: str) -> None:
+        self.gateway = gateway
+        self.route = route
+        self.parse, limit_field = ROUTES[route]
+        self.limit = getattr(gateway.settings, limit_field)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw, route = self.gateway, self.route
+        headers = _headers(scope)
+        origin = headers.get("origin")
+        if scope["method"] == "OPTIONS":
+            await _preflight(gw, route, origin)(scope, receive, send)
+            return
         principal: Principal | None = None
         try:
             # The spec's order: authenticate, validate, limit. A caller without a valid key
             # never gets its body read.
-            principal = gw.keys.authenticate(
-                request.headers.get("authorization"), request.headers.get("origin"), route
-            )
-            body = await gw.read_body(request, getattr(gw.settings, limit_field))
-            accepted = parse(gw, request, body, principal, int(time.time() * 1000))
+            principal = gw.keys.authenticate(headers.get("authorization"), origin, route)
+            body = await gw.read_body(headers, receive, self.limit)
+            client = scope.get("client")
+            ctx = gw.context.build(client[0] if client else None, headers)
+            accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))
             # Limit after validating (the spec's order): a 400 costs no token.
             decision = await gw.limiter.check(
                 principal.project, route, gw.limit_for(route, principal.project)
             )
             if not decision.allowed:
-                return error_response(
-                    "rate_limited",
-                    {
-                        **gw.cors(request, principal),
-                        "retry-after": str(max(1, math.ceil(decision.retry_after))),
-                    },
+                retry_after = str(max(1, math.ceil(decision.retry_after)))
+                answer = error_response(
+                    "rate_limited", {**gw.cors(origin, principal), "retry-after": retry_after}
                 )
-            await gw.publisher.publish(accepted.topic, accepted.records)
+            else:
+                await gw.publisher.publish(accepted.topic, accepted.records)
+                await send_json(send, 202, accepted.answer, gw.cors(origin, principal))
+                return
         except InvalidBody as error:
             extra = {"details": error.details} if error.details else {}
-            return error_response(error.code, gw.cors(request, principal), **extra)
+            answer = error_response(error.code, gw.cors(origin, principal), **extra)
         except AuthError as error:
-            return error_response(error.code, gw.cors(request, principal))
+            answer = error_response(error.code, gw.cors(origin, principal))
         except BrokerUnavailable:
-            return error_response(
-                "broker_unavailable", {**gw.cors(request, principal), "retry-after": gw.retry_after}
+            answer = error_response(
+                "broker_unavailable", {**gw.cors(origin, principal), "retry-after": gw.retry_after}
             )
-        return json_response(accepted.answer, 202, gw.cors(request, principal))
-
-    return endpoint
+        await answer(scope, receive, send)
 
 
-def _preflight(gw: Gateway, request: Request) -> Response:
-    origin = request.headers.get("origin")
-    kinds, _ = ROUTE_KINDS[request.url.path.rsplit("/", 1)[-1]]
+def _preflight(gw: Gateway, route: str, origin: str | None) -> Response:
+    kinds, _ = ROUTE_KINDS[route]
     if origin is None or "pk" not in kinds or not gw.keys.origin_known(origin):
         return error_response("origin_not_allowed")
     return Response(
@@ -294,7 +303,25 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(code, dict(exc.headers or {}))
 
 
-def build_app(settings: Settings, bootstrap: str) -> Starlette:
+class GatewayApp:
+    """The ASGI app: POST/OPTIONS on the four ingest routes go straight to their endpoints (the
+    hot path: no router, no middleware wrapping `send`); everything else to Starlette."""
+
+    def __init__(self, starlette: Starlette, ingest: dict[str, IngestEndpoint]) -> None:
+        self.starlette = starlette
+        self.state = starlette.state
+        self._ingest = ingest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "OPTIONS"):
+            endpoint = self._ingest.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
+
+
+def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
     """The gateway's ASGI app; `bootstrap` is the Kafka cluster to publish to."""
     gateway = Gateway(settings, bootstrap)
 
@@ -306,7 +333,11 @@ def build_app(settings: Settings, bootstrap: str) -> Starlette:
         finally:
             await gateway.stop()
 
-    routes = [Route(f"/v1/{name}", _endpoint(name), methods=["POST", "OPTIONS"]) for name in ROUTES]
+    ingest = {f"/v1/{name}": IngestEndpoint(gateway, name) for name in ROUTES}
+    # Also routed, so that other methods on these paths get Starlette's 405.
+    routes = [
+        Route(path, endpoint, methods=["POST", "OPTIONS"]) for path, endpoint in ingest.items()
+    ]
     routes += [Route("/v1/forget/{forget_id}", _forget_status, methods=["GET"])]
     routes += [Route("/health", _health), Route("/ready", _ready)]
     routes += [Route("/openapi.json", _openapi)]
@@ -315,7 +346,7 @@ def build_app(settings: Settings, bootstrap: str) -> Starlette:
     )
     app.state.gateway = gateway
     app.state.openapi = build_openapi(settings)
-    return app
+    return GatewayApp(app, ingest)
 
 
 def run(settings: Settings, bootstrap: str) -> None:

@@ -7,9 +7,7 @@ the right-most address that is not itself a trusted proxy (the left part is clie
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
-
-from starlette.requests import Request
+from collections.abc import Iterable, Mapping
 
 from ingest.records import Context
 
@@ -28,12 +26,11 @@ class ClientContext:
             return False
         return any(ip in net for net in self._proxies)
 
-    def client_ip(self, request: Request) -> str | None:
-        """The end user's IP as far as we can trust it."""
-        peer = request.client.host if request.client else None
+    def client_ip(self, peer: str | None, headers: Mapping[str, str]) -> str | None:
+        """The end user's IP as far as we can trust it (`peer`: the TCP peer's address)."""
         if peer is None or not self._proxies or not self._trusted(peer):
             return peer
-        forwarded = request.headers.get("x-forwarded-for")
+        forwarded = headers.get("x-forwarded-for")
         if not forwarded:
             return peer
         for hop in reversed(forwarded.split(",")):
@@ -42,13 +39,13 @@ class ClientContext:
                 return hop
         return peer
 
-    def build(self, request: Request) -> Context:
-        """The context of one request."""
+    def build(self, peer: str | None, headers: Mapping[str, str]) -> Context:
+        """The context of one request (`headers` with lower-case names)."""
         ctx: Context = {}
-        if ip := self.client_ip(request):
+        if ip := self.client_ip(peer, headers):
             ctx["ip"] = ip
-        if ua := request.headers.get("user-agent"):
+        if ua := headers.get("user-agent"):
             ctx["user_agent"] = ua[:2048]
-        if self._country_header and (country := request.headers.get(self._country_header)):
+        if self._country_header and (country := headers.get(self._country_header)):
             ctx["country"] = country[:8]
         return ctx

@@ -14,6 +14,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from ingest.partitioner import kafka_partitioner
+
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +44,7 @@ class Publisher:
             compression_type=compression,
             max_request_size=4 * 1024 * 1024,
             request_timeout_ms=int(timeout_s * 1000),
+            partitioner=kafka_partitioner,
         )
         self._producer: AIOKafkaProducer | None = None
 
@@ -59,13 +62,16 @@ class Publisher:
         """Send encoded (key, value) pairs; return once all are acknowledged, else
         BrokerUnavailable."""
         assert self._producer is not None, "start() first"
+        futures: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(self._timeout):
-                futures = [
-                    await self._producer.send(topic, value, key=key) for key, value in records
-                ]
-                await asyncio.gather(*futures)
+                for key, value in records:
+                    futures.append(await self._producer.send(topic, value, key=key))
+                for future in futures:  # in turn: gather costs more than the awaits themselves
+                    await future
         except Exception as error:
+            for future in futures:  # nobody will read their outcome: no "never retrieved" noise
+                future.cancel()
             # Some records of a batch may have landed: the client's retry re-sends them with the
             # same event_ids, and the sink deduplicates on (project, event_id).
             log.warning("publish to %s failed: %r", topic, error)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
+from starlette.types import Send
 
 from ingest.errors import ERROR_CODES
 
@@ -89,6 +90,17 @@ def json_response(
 ) -> Response:
     """A JSON response serialized with orjson."""
     return Response(orjson.dumps(payload), status, headers, media_type="application/json")
+
+
+async def send_json(
+    send: Send, status: int, payload: dict[str, Any], headers: dict[str, str]
+) -> None:
+    """Send a JSON answer straight to the ASGI server (the hot path's 202, no Response object)."""
+    body = orjson.dumps(payload)
+    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(code: str, headers: dict[str, str] | None = None, **extra: Any) -> Response:

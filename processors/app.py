@@ -26,6 +26,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaProducer
 
+from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.settings import Settings
 from ingest.topics import require
@@ -90,6 +91,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         producer_acks=-1,
         producer_linger_ms=settings.kafka_linger_ms,
         producer_compression_type=settings.kafka_compression,
+        producer_partitioner=kafka_partitioner,
         broker_commit_interval=1.0,
         # A replacement worker waits out its predecessor's session when the broker does not
         # act on LeaveGroup (Tansu): keep that wait short.
@@ -152,6 +154,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             linger_ms=settings.kafka_linger_ms,
             compression_type=settings.kafka_compression,
             max_batch_size=settings.processor_producer_max_batch_size or STEP_BATCH_BYTES,
+            partitioner=kafka_partitioner,
         )
         await producer.start()
         publisher = BatchPublisher(producer, enriched.name, enriched.partitions)

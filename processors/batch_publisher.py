@@ -3,7 +3,7 @@
 Faust's `Topic.send` and aiokafka's `send` each build a future and a coroutine per record, which
 the profile showed was most of the processor's own work. Here records are appended to a batch
 builder per partition and each full builder is handed to the producer whole; partitions come
-from the Java client's murmur2 partitioner, so a key lands where `send` would have put it.
+from `ingest.partitioner` (Kafka's murmur2), so a key lands where `send` would have put it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner picks for `key`."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+from ingest.partitioner import partition_for
 
 
 class BatchPublisher:
@@ -39,7 +35,7 @@ class BatchPublisher:
         builders: dict[int, Any] = {}
         delivered: list[asyncio.Future[Any]] = []
         for key, value in records:
-            partition = partition_of(key, self._partitions)
+            partition = partition_for(key, self._partitions)
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()

@@ -1,22 +1,37 @@
-"""The processor's batch publisher: Kafka's partitioning, order per partition, all acked."""
+"""Kafka's partitioning (ingest.partitioner) and the processor's batch publisher."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
-from processors.batch_publisher import BatchPublisher, partition_of
+from ingest.partitioner import kafka_partitioner, murmur2, partition_for
+from processors.batch_publisher import BatchPublisher
 
 
-def test_partition_of_is_kafkas_default_partitioner() -> None:
+def test_murmur2_is_kafkas() -> None:
+    rng = random.Random(7)
+    for length in range(300):  # every tail length, keys longer than the precomputed structs
+        data = rng.randbytes(length)
+        assert murmur2(data) == aiokafka_murmur2(data), length
+    # Known values of the Java client's Utils.murmur2 (from Kafka's UtilsTest).
+    assert murmur2(b"21") == -973932308 & 0xFFFFFFFF
+    assert murmur2(b"abc") == 479470107
+
+
+def test_partition_for_is_kafkas_default_partitioner() -> None:
     partitions = list(range(12))
     for i in range(2_000):
         key = f"demo:{uuid.uuid4()}:{i}".encode()
-        assert partition_of(key, 12) == DefaultPartitioner()(key, partitions, partitions)
+        expected = DefaultPartitioner()(key, partitions, partitions)
+        assert partition_for(key, 12) == expected
+        assert kafka_partitioner(key, partitions, partitions[:3]) == expected
 
 
 async def _publish_and_read(bootstrap: str, max_batch_size: int) -> None:
@@ -51,7 +66,7 @@ async def _publish_and_read(bootstrap: str, max_batch_size: int) -> None:
     finally:
         await consumer.stop()
     for p in range(partitions):
-        expected = [r for r in records if partition_of(r[0], partitions) == p]
+        expected = [r for r in records if partition_for(r[0], partitions) == p]
         assert seen[p] == expected  # all there, on Kafka's partition, in publishing order
 
 

@@ -23,14 +23,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starlette.applications import Starlette
 
-from gateway.app import ROUTES, build_app
+from gateway.app import ROUTES, GatewayApp, build_app
 from gateway.key_admin import create_key, revoke_key, set_project_limit
 from gateway.openapi import OPERATIONS, build_openapi, route_errors
 from gateway.rate_limit import Limit, load_default_limits
 from gateway.responses import BatchAccepted, ErrorBody, ForgetAccepted, TrackAccepted
-from gateway.validate import ForgetBody, IdentifyBody, TrackBody
+from gateway.validate import ForgetBody, IdentifyBody, TrackBody, new_id
 from ingest.dev import free_port
 from ingest.errors import ERROR_CODES
 from ingest.records import decode
@@ -60,7 +59,7 @@ def gateway_settings(bootstrap: str, **overrides: Any) -> Settings:
 class Gw:
     """A running in-process gateway, a client for it, and keys of one project."""
 
-    app: Starlette
+    app: GatewayApp
     client: httpx.AsyncClient
     bootstrap: str
     project: str
@@ -168,7 +167,7 @@ async def gw(broker: str) -> AsyncIterator[Gw]:
     """One in-process gateway on the session broker; its project's limits are lifted (through
     the per-project override) so that the tests measure validation, not the default limits."""
     app = build_app(gateway_settings(broker), broker)
-    async with app.router.lifespan_context(app):
+    async with app.starlette.router.lifespan_context(app.starlette):
         transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4321))
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             g = Gw(app, client, broker, f"gw-{uuid.uuid4().hex[:8]}")
@@ -531,7 +530,7 @@ async def test_unreachable_redis_fails_open_by_default(broker: str, fail_open: b
     app = build_app(
         gateway_settings(broker, redis_url=dead, rate_limit_fail_open=fail_open), broker
     )
-    async with app.router.lifespan_context(app):
+    async with app.starlette.router.lifespan_context(app.starlette):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             g = Gw(app, client, broker, f"redis-{uuid.uuid4().hex[:8]}")
@@ -696,3 +695,11 @@ async def test_fuzzed_requests_never_get_a_5xx(gw: Gw, data: st.DataObject, rout
         ACCEPTED[route].model_validate(r.json())
     else:
         ErrorBody.model_validate(r.json())
+
+
+def test_generated_ids_are_uuid4_hex() -> None:
+    ids = {new_id() for _ in range(1_000)}
+    assert len(ids) == 1_000
+    for value in ids:
+        parsed = uuid.UUID(hex=value)
+        assert parsed.hex == value and parsed.version == 4 and parsed.variant == uuid.RFC_4122
