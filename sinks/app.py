@@ -1,9 +1,12 @@
 """The sink: consume enriched events, insert them in batches, commit only what ClickHouse took.
 
-While ClickHouse refuses, the sink pauses its partitions (so it keeps its group membership but
-reads nothing more: backpressure, bounded memory) and retries with capped exponential backoff.
-Offsets are committed only after an insert succeeded; a crash re-reads at most the open batch,
-and the events table collapses the repeats.
+One batch is stored (inserted, then its offsets committed) in the background while the next one
+fills, so consuming and decoding overlap the insert; at most one batch is in flight. While
+ClickHouse refuses, that batch is retried with capped exponential backoff, and once the next
+batch is full too the sink pauses its partitions (it keeps its group membership but reads
+nothing more: backpressure, memory bounded by two batches). Offsets are committed only after an
+insert succeeded, in order; a crash re-reads at most the two open batches, and the events table
+collapses the repeats.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sinks.sql_endpoint import serve as serve_sql
 log = logging.getLogger(__name__)
 
 GROUP_ID = "millimetric-sink"
+POLL_WHILE_STORING_S = 5.0  # well within aiokafka's default max.poll.interval.ms (300 s)
 
 
 class _FlushOnRevoke(ConsumerRebalanceListener):
@@ -56,6 +60,7 @@ class Sink:
         self.enriched, self.dead_letter = require("enriched", "dead_letter")
         self.batch = EventBatch()
         self._lock = asyncio.Lock()
+        self._storing: asyncio.Task[None] | None = None
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=GROUP_ID,
@@ -88,49 +93,80 @@ class Sink:
                 timeout_ms=max(1, int(wait * 1000)),
                 max_records=max(1, s.sink_batch_rows - self.batch.rows),
             )
+            add = self.batch.add
             for tp, messages in fetched.items():
                 for message in messages:
-                    await self._add(tp, message.offset, message.value)
+                    try:
+                        add(decode(message.value or b""))
+                    except Exception as error:  # poison record: keep it, with the reason
+                        await self._undecodable(tp, message.offset, message.value, error)
+                if messages:
+                    self.batch.consumed(tp, messages[-1].offset)
             full = self.batch.rows >= s.sink_batch_rows
             if (
                 full
                 or self.batch.age() >= s.sink_batch_seconds
                 or (self.batch.next_offsets and not self.batch.rows)
             ):
-                await self.flush()
+                await self.flush(background=True)
         await self.flush()
 
-    async def _add(self, tp: TopicPartition, offset: int, value: bytes | None) -> None:
-        try:
-            self.batch.add(decode(value or b""))
-        except Exception as error:  # poison record: keep it, with the reason, and move on
-            await self.producer.send_and_wait(
-                self.dead_letter.name,
-                key=b"sink",
-                value=encode(
-                    {
-                        "stage": "sink",
-                        "reason": f"undecodable: {error!r}",
-                        "topic": tp.topic,
-                        "partition": tp.partition,
-                        "offset": offset,
-                        "record": (value or b"").decode("utf-8", "replace"),
-                    }
-                ),
-            )
-        self.batch.consumed(tp, offset)
+    async def _undecodable(
+        self, tp: TopicPartition, offset: int, value: bytes | None, error: Exception
+    ) -> None:
+        await self.producer.send_and_wait(
+            self.dead_letter.name,
+            key=b"sink",
+            value=encode(
+                {
+                    "stage": "sink",
+                    "reason": f"undecodable: {error!r}",
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "offset": offset,
+                    "record": (value or b"").decode("utf-8", "replace"),
+                }
+            ),
+        )
 
-    async def flush(self) -> None:
-        """Insert the open batch (retrying while ClickHouse refuses), then commit its offsets."""
+    async def flush(self, background: bool = False) -> None:
+        """Store the open batch: insert it (retrying while ClickHouse refuses), then commit its
+        offsets. Waits for the batch stored before it first; `background`: do not wait for
+        this one (the consume loop goes on filling the next batch meanwhile)."""
         async with self._lock:
+            await self._settle(poll=background)
             batch, self.batch = self.batch, EventBatch()
-            if batch.rows:
-                await self._write(batch)
-                self.inserted += batch.rows
-            owned = self.consumer.assignment()
-            batch.drop_partitions({tp for tp in batch.next_offsets if tp not in owned})
-            if batch.next_offsets:
-                await self.consumer.commit(batch.next_offsets)
+            self._storing = asyncio.create_task(self._store(batch))
+            if not background:
+                await self._settle(poll=False)
+
+    async def _settle(self, poll: bool) -> None:
+        """Wait for the batch being stored; raise what storing it raised. `poll` (only from the
+        consume loop): meanwhile call getmany on paused partitions now and then, since a consumer
+        that stops polling for max.poll.interval.ms is dropped from the group."""
+        task = self._storing
+        if task is None:
+            return
+        while poll and not task.done():
+            await asyncio.wait({task}, timeout=POLL_WHILE_STORING_S)
+            if not task.done():
+                paused = self.consumer.assignment()
+                self.consumer.pause(*paused)
+                try:
+                    await self.consumer.getmany(timeout_ms=0)
+                finally:
+                    self.consumer.resume(*paused)
+        self._storing = None
+        await task
+
+    async def _store(self, batch: EventBatch) -> None:
+        if batch.rows:
+            await self._write(batch)
+            self.inserted += batch.rows
+        owned = self.consumer.assignment()
+        batch.drop_partitions({tp for tp in batch.next_offsets if tp not in owned})
+        if batch.next_offsets:
+            await self.consumer.commit(batch.next_offsets)
 
     async def _write(self, batch: EventBatch) -> None:
         """Insert a batch; rows ClickHouse refuses for their content go to the dead-letter topic.
@@ -172,13 +208,7 @@ class Sink:
                 log.warning(
                     "insert of %d rows failed (%r); retrying in %.1fs", batch.rows, error, delay
                 )
-                paused = self.consumer.assignment()
-                self.consumer.pause(*paused)
-                try:
-                    # Polling while paused keeps the group membership alive during the outage.
-                    await self.consumer.getmany(timeout_ms=int(delay * 1000))
-                finally:
-                    self.consumer.resume(*paused)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.sink_retry_max_s)
 
     async def stop(self) -> None:
