@@ -7,13 +7,16 @@
    open loop by bench.loadgen, while the bench sends one /v1/track probe every 100 ms and polls
    ClickHouse every 100 ms: freshness = first poll that sees the probe - the probe's send time
    (an upper bound on receive -> visible, by up to a poll interval plus the gateway's answer).
-Peak RSS of each stage is read after both loads.
+Peak RSS of each stage is read after both loads. CPU per event: each process's CPU time (gateway,
+processor, sink with its chdb, broker) over step 1, divided by its events; the cores divided by
+their sum is the most any scheduling could sustain on this machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +28,15 @@ from bench import REPO_ROOT
 from bench.events import batch_body
 from bench.gateway import BATCH, BATCH_CONNECTIONS, KEYS, wrk, wrk_script
 from bench.loadgen import percentile
-from bench.services import create_keys, sink_sql, stage, stage_env, wait_http_ok, write_geo_db
+from bench.services import (
+    cpu_seconds,
+    create_keys,
+    sink_sql,
+    stage,
+    stage_env,
+    wait_http_ok,
+    write_geo_db,
+)
 from bench.table import Row
 from ingest.dev import EmbeddedBroker, free_port
 from ingest.topics import ensure_topics
@@ -114,10 +125,18 @@ def run(root: Path, seconds: float, stage_min: float) -> list[Row]:
         asyncio.run(_drain(data_dir, 1, 120))
 
         script = wrk_script(root / "batch.lua", keys, json.dumps(batch_body(BATCH)))
+        assert broker.pid is not None
+        pids = {name: proc.pid for name, proc in stages.items()} | {"broker": broker.pid}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         start = time.monotonic()
         _, accepted, _ = wrk(f"{base}/v1/batch", script, seconds, BATCH_CONNECTIONS)
         done = asyncio.run(_drain(data_dir, 1 + accepted * BATCH, 300 + seconds * 10))
         sustained = accepted * BATCH / (done - start)
+        # CPU each process spent per event of the sustained load: where a core's time goes.
+        cpu_us = {
+            name: (cpu_seconds(pid) - cpu_before[name]) * 1e6 / (accepted * BATCH)
+            for name, pid in pids.items()
+        }
 
         offered = min(TARGET_EPS, 0.8 * sustained)
         spec = {
@@ -149,6 +168,12 @@ def run(root: Path, seconds: float, stage_min: float) -> list[Row]:
                 stages[name].stop()
         broker.stop()
     at = f"at {offered:,.0f} events/s offered"
+    total_us = sum(cpu_us.values())
+    cores = os.cpu_count() or 1
+    cpu_rows = [
+        Row("end to end", f"CPU per event, {name}", us, None, "-", "µs")
+        for name, us in cpu_us.items()
+    ]
     return [
         Row("end to end", "sustained events/s, gateway -> ClickHouse (chdb)", sustained,
             stage_min, f"≥ {TARGET_EPS:,} events/s", "events/s"),
@@ -159,4 +184,7 @@ def run(root: Path, seconds: float, stage_min: float) -> list[Row]:
             "MB"),
         Row("end to end", "sink peak RSS (VmHWM), chdb", rss["sink"], None,
             "bounded by batch settings", "MB"),
+        *cpu_rows,
+        Row("end to end", f"ceiling: {cores} cores / CPU per event of all processes",
+            cores * 1e6 / total_us, None, "-", "events/s"),
     ]  # fmt: skip

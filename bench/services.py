@@ -109,6 +109,12 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Proc:
     """A child process (a stage, a bare baseline, a load generator) with its log."""
@@ -138,6 +144,10 @@ class Proc:
     def peak_rss_mb(self) -> float:
         """Its VmHWM so far."""
         return peak_rss_mb(self.pid)
+
+    def cpu_seconds(self) -> float:
+        """Its CPU time so far."""
+        return cpu_seconds(self.pid)
 
     def stop(self, kill: bool = False, timeout: float = 20) -> None:
         """SIGTERM it (SIGKILL after `timeout`), or SIGKILL it at once with `kill`."""

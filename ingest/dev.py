@@ -81,6 +81,11 @@ class EmbeddedBroker:
         wait_for_port(self.port)
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (the bench reads its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         """Stop the broker (its topics are gone)."""
         if self._process is not None:
