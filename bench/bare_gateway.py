@@ -1,7 +1,8 @@
 """The gateway's baseline: a bare ASGI app that reads the body and produces it with raw aiokafka.
 
-Same server (uvicorn, uvloop, httptools, no access log), same producer settings as the gateway
-(acks=all, linger, no idempotence on Tansu), and it answers 202 only after the broker's ack.
+Same server (uvicorn, uvloop, httptools, no access log, no proxy headers), same producer
+settings as the gateway (acks=all, linger, no idempotence on Tansu), and it answers 202 only
+after the broker's ack.
 No validation, no auth, no rate limit, no framework: what the gateway's work is measured against.
 Run: `python -m bench.bare_gateway PORT BOOTSTRAP TOPIC LINGER_MS`.
 """
@@ -71,6 +72,7 @@ def main() -> None:
         log_level="warning",
         access_log=False,
         lifespan="on",
+        proxy_headers=False,  # as the gateway runs
     )
 
 

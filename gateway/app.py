@@ -360,4 +360,7 @@ def run(settings: Settings, bootstrap: str) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         lifespan="on",
+        # X-Forwarded-For is ours to judge (MILLIMETRIC_TRUSTED_PROXIES): uvicorn would otherwise
+        # believe it from any loopback peer.
+        proxy_headers=False,
     )

@@ -6,6 +6,7 @@ This is the only module that reads the environment. The README's settings table 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -142,6 +143,9 @@ def markdown_table() -> str:
     """Render the settings as the README shows them."""
     lines = ["| env var | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = "" if field.default is None else f"`{field.default}`"
+        value = field.get_default(call_default_factory=True)
+        default = (
+            "" if value is None else f"`{json.dumps(value) if isinstance(value, list) else value}`"
+        )
         lines.append(f"| `MILLIMETRIC_{name.upper()}` | {default} | {field.description} |")
     return "\n".join(lines)

@@ -250,3 +250,28 @@ def test_keys_limits_command(broker: str) -> None:
     assert bad.returncode != 0 and "unknown route" in bad.stderr
     bad = cli("limits", "--project", project, "--route", "track", "--rate", "0", "--burst", "1")
     assert bad.returncode != 0 and "invalid limit" in bad.stderr
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_x_forwarded_for_is_believed_only_from_configured_proxies(
+    broker: str, tmp_path: Path, trusted: bool
+) -> None:
+    env = {"trusted_proxies": '["127.0.0.1/32"]'} if trusted else {}
+    gw = GatewayProcess(broker, tmp_path / "gw", **env).start()
+    try:
+        gw.wait_ready()
+        key = asyncio.run(create_key(broker, f"xff-{uuid.uuid4().hex[:8]}", "sk", "live", []))
+        wait(lambda: gw.knows(key))
+        # The test client connects from 127.0.0.1, like a proxy on the same host would.
+        r = httpx.post(
+            f"{gw.url}/v1/track",
+            json={"event": "e"},
+            headers={"authorization": f"Bearer {key}", "x-forwarded-for": "203.0.113.50"},
+            timeout=30,
+        )
+        assert r.status_code == 202, r.text
+        event_id = r.json()["event_id"]
+        record = asyncio.run(raw_records(broker, [event_id]))[event_id]
+        assert record["context"]["ip"] == ("203.0.113.50" if trusted else "127.0.0.1")
+    finally:
+        gw.stage.stop()
