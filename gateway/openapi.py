@@ -1,9 +1,9 @@
 """GET /openapi.json: generated from the pydantic models and the error table, never hand-written.
 
-Request bodies are the models `validate.py` parses with; answers are the models in
-`responses.py`; every error response lists the codes of `ingest.errors` a route can give (which
-keys a route refuses comes from `auth.ROUTE_KINDS`). Limits that are settings (batch size, body
-bytes) are filled in from the running gateway's settings.
+Request bodies are the models of `models.py` (which `validate.py` parses with); answers are the
+models in `responses.py`; every error response lists the codes of `ingest.errors` a route can
+give (which keys a route refuses comes from `auth.ROUTE_KINDS`). Limits that are settings (batch
+size, body bytes) are filled in from the running gateway's settings.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from gateway.auth import ROUTE_KINDS
+from gateway.models import BatchBody, ForgetBody, IdentifyBody, TrackBody
 from gateway.responses import (
     BatchAccepted,
     ErrorBody,
@@ -24,7 +25,6 @@ from gateway.responses import (
     Ready,
     TrackAccepted,
 )
-from gateway.validate import BatchBody, ForgetBody, IdentifyBody, TrackBody
 from ingest.errors import ERROR_CODES
 from ingest.settings import Settings
 

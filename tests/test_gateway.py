@@ -26,10 +26,11 @@ from hypothesis import strategies as st
 
 from gateway.app import ROUTES, GatewayApp, build_app
 from gateway.key_admin import create_key, revoke_key, set_project_limit
+from gateway.models import ForgetBody, IdentifyBody, TrackBody
 from gateway.openapi import OPERATIONS, build_openapi, route_errors
 from gateway.rate_limit import Limit, load_default_limits
 from gateway.responses import BatchAccepted, ErrorBody, ForgetAccepted, TrackAccepted
-from gateway.validate import ForgetBody, IdentifyBody, TrackBody, new_id
+from gateway.validate import new_id
 from ingest.dev import free_port
 from ingest.errors import ERROR_CODES
 from ingest.records import decode
