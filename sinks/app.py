@@ -3,10 +3,10 @@
 One batch is stored (inserted, then its offsets committed) in the background while the next one
 fills, so consuming and decoding overlap the insert; at most one batch is in flight. While
 ClickHouse refuses, that batch is retried with capped exponential backoff, and once the next
-batch is full too the sink pauses its partitions (it keeps its group membership but reads
-nothing more: backpressure, memory bounded by two batches). Offsets are committed only after an
-insert succeeded, in order; a crash re-reads at most the two open batches, and the events table
-collapses the repeats.
+batch is due too (full, or as old as the batch interval) the sink pauses its partitions (it
+keeps its group membership but reads nothing more: backpressure, memory bounded by two
+batches). Offsets are committed only after an insert succeeded, in order; a crash re-reads at
+most the two open batches, and the events table collapses the repeats.
 """
 
 from __future__ import annotations
