@@ -177,7 +177,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             partitioner=kafka_partitioner,
         )
         await producer.start()
-        publisher = BatchPublisher(producer, enriched.name, enriched.partitions)
+        publisher = BatchPublisher(producer, enriched.name)
         try:
             async for events in stream.take_events(
                 settings.processor_batch_size, within=settings.processor_batch_seconds

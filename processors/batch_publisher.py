@@ -20,10 +20,9 @@ from ingest.partitioner import partition_for
 class BatchPublisher:
     """Sends keyed records to one topic in per-partition batches and waits for every ack."""
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: int) -> None:
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
         self._producer = producer
         self._topic = topic
-        self._partitions = partitions
 
     async def publish(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         """Publish `records` in order per partition; return once the broker acked them all.
@@ -32,10 +31,12 @@ class BatchPublisher:
         records acknowledged.
         """
         producer, topic = self._producer, self._topic
+        # The topic as the cluster has it (cached metadata), as `send` would partition.
+        partitions = len(await producer.partitions_for(topic))
         builders: dict[int, Any] = {}
         delivered: list[asyncio.Future[Any]] = []
         for key, value in records:
-            partition = partition_for(key, self._partitions)
+            partition = partition_for(key, partitions)
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()

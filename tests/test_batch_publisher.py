@@ -53,7 +53,7 @@ async def _publish_and_read(bootstrap: str, max_batch_size: int) -> None:
     )  # fmt: skip
     await producer.start()
     try:
-        await BatchPublisher(producer, topic, partitions).publish(records)
+        await BatchPublisher(producer, topic).publish(records)
     finally:
         await producer.stop()
 
@@ -141,7 +141,7 @@ async def _publish_across_outage(broker: EmbeddedBroker, link: CuttableLink) -> 
     await producer.start()
     try:
         link.cut()
-        step = asyncio.create_task(publish_until_acked(BatchPublisher(producer, topic, 4), records))
+        step = asyncio.create_task(publish_until_acked(BatchPublisher(producer, topic), records))
         await asyncio.sleep(4)  # several failed attempts (1 s request timeout each)
         assert not step.done()  # still holding the step: nothing acked, nothing dropped
         link.restore()
