@@ -26,7 +26,6 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
@@ -76,13 +75,16 @@ async def publish_until_acked(
 ) -> None:
     """Publish a step, retrying with capped backoff while the broker fails it (after the
     producer's own retries): the step stays unacked meanwhile, so its offsets stay uncommitted,
-    and records already delivered by a failed attempt are repeated (the sink deduplicates)."""
+    and records already delivered by a failed attempt are repeated (the sink deduplicates).
+
+    Any error is retried, not raised: Faust's `take_events` acks a step's events when the agent
+    body leaves by an exception too, which would commit records that were never published."""
     delay = 0.5
     while True:
         try:
             await publisher.publish(records)
             return
-        except KafkaError as error:
+        except Exception as error:
             log.warning("publishing %d records failed (%r); retrying in %.1fs", len(records),
                         error, delay)  # fmt: skip
             await asyncio.sleep(delay)
