@@ -145,10 +145,6 @@ class Proc:
         """Its VmHWM so far."""
         return peak_rss_mb(self.pid)
 
-    def cpu_seconds(self) -> float:
-        """Its CPU time so far."""
-        return cpu_seconds(self.pid)
-
     def stop(self, kill: bool = False, timeout: float = 20) -> None:
         """SIGTERM it (SIGKILL after `timeout`), or SIGKILL it at once with `kill`."""
         if self.proc is None:
