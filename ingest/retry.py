@@ -1,0 +1,72 @@
+"""Retry policy of every loop that waits for a broker, ClickHouse or Redis to come back.
+
+One tenacity policy: exponential backoff with full jitter, capped; each retry is logged with its
+error and counted in `millimetric_retries_total{operation}`. Errors a caller names as permanent
+are not retried: they are raised at once (the caller dead-letters or reports them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_never,
+    wait_random_exponential,
+)
+
+from ingest.metrics import GAVE_UP, RETRIES
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def _log_retry(operation: str) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        RETRIES.labels(operation).inc()
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s failed (attempt %d: %r); retrying in %.1fs",
+            operation,
+            state.attempt_number,
+            error,
+            delay,
+        )
+
+    return before_sleep
+
+
+async def retrying(
+    operation: str,
+    call: Callable[[], Awaitable[T]],
+    *,
+    permanent: Callable[[BaseException], bool] = lambda _: False,
+    max_delay_s: float = 30.0,
+    first_delay_s: float = 0.2,
+    attempts: int | None = None,
+) -> T:
+    """Await `call()` until it succeeds, backing off between failures.
+
+    `permanent(error)` true: raise at once. `attempts` bounds the tries (None: until it works,
+    for faults that heal, such as a server being down); past the bound the last error is raised
+    and counted in `millimetric_retries_exhausted_total`.
+    """
+    policy = AsyncRetrying(
+        retry=retry_if_exception(lambda error: not permanent(error)),
+        wait=wait_random_exponential(multiplier=first_delay_s, max=max_delay_s),
+        stop=stop_never if attempts is None else stop_after_attempt(attempts),
+        before_sleep=_log_retry(operation),
+        reraise=True,
+    )
+    try:
+        return await policy(call)
+    except Exception:
+        if attempts is not None:
+            GAVE_UP.labels(operation).inc()
+        raise
