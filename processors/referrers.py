@@ -147,16 +147,21 @@ class Referrers:
             if name not in self._hand.alias:
                 raise ValueError(f"{path.name}: app {app_id!r} maps to unknown source {name!r}")
             self._apps[app_id.lower()] = self._hand.alias[name]
-        # Host globs, tried in order after every table.
-        self._patterns = [
-            (re.compile(translate(p.glob.lower())), Known("", p.category, f"{HAND} {p.glob!r}"))
-            for p in table.patterns
-        ]
+        # Host globs, tried in order after every table, as one regex: group p<i> is glob i.
+        self._patterns = [Known("", p.category, f"{HAND} {p.glob!r}") for p in table.patterns]
         self._lists = _Tables()
         self.list_titles: dict[str, str] = {}
         if lists_path is not None:
             self._load_lists(lists_path)
-        self._layers = (self._hand, self._lists)
+        # One dict per kind, hand-kept entries written last so they win on a shared key.
+        self._exact = self._lists.exact | self._hand.exact
+        self._wild = self._lists.wild | self._hand.wild
+        self._alias = self._lists.alias | self._hand.alias
+        self._wild_heads = frozenset(stem.partition(".")[0] for stem in self._wild)
+        self._pattern = re.compile(
+            "|".join(f"(?P<p{i}>{translate(p.glob.lower())})" for i, p in enumerate(table.patterns))
+            or "(?!)"
+        )
         # Per-instance memo: hosts and utm_source values repeat heavily in real traffic.
         self.lookup_host = lru_cache(maxsize=65536)(self._lookup_host)
         self.lookup_source = lru_cache(maxsize=16384)(self._lookup_source)
@@ -182,12 +187,11 @@ class Referrers:
                     _add(target, key, known, path.name)
 
     def _lookup_host(self, host: str) -> Known | None:
-        """Longest listed suffix, else longest "name.<tld>" stem, else a host pattern."""
+        """Longest listed suffix, else longest "name.<tld>" stem, else the first host pattern."""
         suffix = host
         while True:
-            for layer in self._layers:  # at one key, the hand-kept table wins
-                if (known := layer.exact.get(suffix)) is not None:
-                    return known
+            if (known := self._exact.get(suffix)) is not None:
+                return known
             dot = suffix.find(".")
             if dot < 0:
                 break
@@ -196,20 +200,18 @@ class Referrers:
         for tld in (2, 1):  # "co.uk" before "uk"
             if len(labels) > tld and _tld_like(labels[-tld:]):
                 for start in range(len(labels) - tld):
-                    stem = ".".join(labels[start:-tld])
-                    for layer in self._layers:
-                        if (known := layer.wild.get(stem)) is not None:
+                    if labels[start] in self._wild_heads:  # skip the join for most labels
+                        stem = ".".join(labels[start:-tld])
+                        if (known := self._wild.get(stem)) is not None:
                             return known
-        for pattern, known in self._patterns:
-            if pattern.match(host):
-                return known._replace(name=host)
+        if (match := self._pattern.fullmatch(host)) is not None:
+            return self._patterns[int(match.lastgroup[1:])]._replace(name=host)  # type: ignore[index]
         return None
 
     def _lookup_source(self, source: str) -> Known | None:
         """Known source for a (lower-cased) utm_source value: an alias or a domain spelling."""
-        for layer in self._layers:
-            if (known := layer.alias.get(source)) is not None:
-                return known
+        if (known := self._alias.get(source)) is not None:
+            return known
         if "." in source:
             host = clean_host(source.partition("/")[0])
             return self.lookup_host(host) if host else None
@@ -217,12 +219,7 @@ class Referrers:
 
     def _lookup_app(self, app: str) -> Known | None:
         """An Android/iOS package id: the apps table, else a list naming that exact id."""
-        if (known := self._apps.get(app)) is not None:
-            return known
-        for layer in self._layers:
-            if (known := layer.exact.get(app)) is not None:
-                return known
-        return None
+        return self._apps.get(app) or self._exact.get(app)
 
     def _resolve(self, scheme: str, authority: str) -> Resolved | None:
         """Referrer (scheme, authority) -> host, source name and category; None if unusable."""
