@@ -37,12 +37,14 @@ class Known(NamedTuple):
 
 
 class Resolved(NamedTuple):
-    """A usable referrer: comparable host (or app id), source name, category ("" if unknown)."""
+    """A usable referrer: comparable host (or app id), source name, category ("" if unknown),
+    what it was read from and which table named the source ("" if none)."""
 
     host: str
     source: str
     category: str
     origin: str
+    via: str
 
 
 class _Pattern(BaseModel):
@@ -236,8 +238,8 @@ class Referrers:
             known = self.lookup_host(app)
             origin = f"referrer {app}"
         if known is None:
-            return Resolved(app, app, "", origin)
-        return Resolved(app, known.name, known.category, f"{origin}; {known.via}")
+            return Resolved(app, app, "", origin, "")
+        return Resolved(app, known.name, known.category, origin, known.via)
 
     def hand_entry(self, kind: str, key: str) -> Known | None:
         """The referrers.toml entry under exactly this key; kind: hosts, wildcards or aliases."""
