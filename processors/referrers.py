@@ -242,11 +242,17 @@ class Referrers:
         return Resolved(app, known.name, known.category, origin, known.via)
 
     def hand_entry(self, kind: str, key: str) -> Known | None:
-        """The referrers.toml entry under exactly this key; kind: hosts, wildcards or aliases."""
-        table = {"hosts": self._hand.exact, "wildcards": self._hand.wild}.get(
-            kind, self._hand.alias
-        )
-        return table.get(key)
+        """The referrers.toml entry naming this very key (kind: hosts, wildcards or aliases);
+        "name.*" names the host name.<tld> too, so amazon.* claims amazon.com."""
+        if kind == "wildcards":
+            return self._hand.wild.get(key)
+        if kind == "aliases":
+            return self._hand.alias.get(key)
+        if (known := self._hand.exact.get(key)) is not None:
+            return known
+        labels = key.split(".")
+        stems = (".".join(labels[:-tld]) for tld in (2, 1) if _tld_like(labels[-tld:]))
+        return next((k for stem in stems if (k := self._hand.wild.get(stem)) is not None), None)
 
     def sizes(self) -> dict[str, int]:
         """How many entries each table holds (for tests and diagnostics)."""
