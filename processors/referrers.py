@@ -108,6 +108,11 @@ def _tld_like(labels: list[str]) -> bool:
     return len(labels) == 2 and labels[0] in _SECOND_LEVEL and len(labels[1]) == 2
 
 
+def _literal(glob: str) -> str:
+    """The longest run of plain characters in an fnmatch glob ("*.mail.*" -> ".mail.")."""
+    return max(re.split(r"[*?]", re.sub(r"\[[^\]]*\]", "*", glob)), key=len)
+
+
 def _add(table: dict[str, Known], key: str, known: Known, where: str) -> None:
     """Insert key, refusing a key that two different sources claim."""
     if table.setdefault(key, known) != known:
@@ -160,6 +165,10 @@ class Referrers:
         self._wild = self._lists.wild | self._hand.wild
         self._alias = self._lists.alias | self._hand.alias
         self._wild_heads = frozenset(stem.partition(".")[0] for stem in self._wild)
+        # A host can match a glob only if it contains the glob's longest literal run; the few
+        # shortest such runs ("mail", "deref-") spare the regex for almost every host.
+        runs = {_literal(p.glob.lower()) for p in table.patterns}
+        self._pattern_runs = tuple(r for r in runs if not any(o != r and o in r for o in runs))
         self._pattern = re.compile(
             "|".join(f"(?P<p{i}>{translate(p.glob.lower())})" for i, p in enumerate(table.patterns))
             or "(?!)"
@@ -199,14 +208,16 @@ class Referrers:
                 break
             suffix = suffix[dot + 1 :]
         labels = host.split(".")
-        for tld in (2, 1):  # "co.uk" before "uk"
-            if len(labels) > tld and _tld_like(labels[-tld:]):
-                for start in range(len(labels) - tld):
-                    if labels[start] in self._wild_heads:  # skip the join for most labels
+        for start in range(len(labels) - 1):
+            if labels[start] in self._wild_heads:  # most labels start no stem: skip the joins
+                for tld in (2, 1):  # "co.uk" before "uk"
+                    if start < len(labels) - tld and _tld_like(labels[-tld:]):
                         stem = ".".join(labels[start:-tld])
                         if (known := self._wild.get(stem)) is not None:
                             return known
-        if (match := self._pattern.fullmatch(host)) is not None:
+        if any(run in host for run in self._pattern_runs) and (
+            match := self._pattern.fullmatch(host)
+        ):
             return self._patterns[int(match.lastgroup[1:])]._replace(name=host)  # type: ignore[index]
         return None
 
