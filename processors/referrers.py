@@ -157,7 +157,6 @@ class Referrers:
         # Host globs, tried in order after every table, as one regex: group p<i> is glob i.
         self._patterns = [Known("", p.category, f"{HAND} {p.glob!r}") for p in table.patterns]
         self._lists = _Tables()
-        self.list_titles: dict[str, str] = {}
         if lists_path is not None:
             self._load_lists(lists_path)
         # One dict per kind, hand-kept entries written last so they win on a shared key.
@@ -183,7 +182,6 @@ class Referrers:
             lists = _ListsFile.model_validate_json(path.read_bytes())
         except (OSError, ValidationError) as exc:
             raise ValueError(f"{path.name}: {exc}") from exc
-        self.list_titles = lists.lists
         for src in lists.sources:
             if src.list not in lists.lists:
                 raise ValueError(f"{path.name}: {src.display!r} names unknown list {src.list!r}")

@@ -216,3 +216,20 @@ def test_cli_names_the_list() -> None:
     result = json.loads(out.getvalue())
     assert (result["channel"], result["source"]) == ("Email", "gmx")
     assert "Snowplow referer-parser: GMX" in result["why"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "lists.json"),
+        ('{"lists": {}, "sources": [{"list": "x", "display": "X", "name": "x",'
+         ' "category": "search", "hosts": ["x.example"]}]}', "unknown list 'x'"),
+        ('{"lists": {"x": "X"}, "sources": [{"list": "x", "display": "X", "name": "x",'
+         ' "category": "webmail"}]}', "category"),
+    ],
+)  # fmt: skip
+def test_bad_lists_file_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    bad = tmp_path / "lists.json"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Referrers(REFERRERS_PATH, bad)
