@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import end_to_end, gateway, processor, sink
+from bench import classify, end_to_end, gateway, processor, sink
 from bench.table import Row, markdown, write_json
 
 
@@ -24,10 +24,11 @@ class Sizes:
     seconds: float  # each load of the gateway and end-to-end benches
     processor_events: int
     sink_rows: int
+    classify_events: int
 
 
-QUICK = Sizes(seconds=6, processor_events=20_000, sink_rows=60_000)
-FULL = Sizes(seconds=20, processor_events=100_000, sink_rows=300_000)
+QUICK = Sizes(seconds=6, processor_events=20_000, sink_rows=60_000, classify_events=20_000)
+FULL = Sizes(seconds=20, processor_events=100_000, sink_rows=300_000, classify_events=100_000)
 
 
 def machine() -> str:
@@ -51,7 +52,7 @@ def main(quick: bool, json_path: Path | None) -> int:
     root = Path(tempfile.mkdtemp(prefix="millimetric-bench-"))
     started = time.monotonic()
     print(f"millimetric bench ({'quick' if quick else 'full'}) on {machine()}; logs in {root}")
-    rows: list[Row] = []
+    rows: list[Row] = classify.run(sizes.classify_events)
     gw_rows, gw = gateway.run(root / "gateway", sizes.seconds)
     rows += gw_rows
     proc_rows, proc_eps = processor.run(root / "processor", sizes.processor_events)

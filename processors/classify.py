@@ -1,7 +1,8 @@
 """Traffic-source classifier: (landing URL, referrer) -> source, medium, campaign and channel.
 
 Pure Python (no Kafka/Faust). The ordered rules live in attribution.toml (GA4's default channel
-groups plus "AI Assistants"), the referring domains in referrers.toml; both are parsed once.
+groups plus "AI Assistants"); the referring domains in referrers.toml (hand-kept, wins) over the
+imported public lists in referrer_data/lists.json (see referrers.py); all are parsed once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from urllib.parse import unquote, unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from processors.referrers import REFERRERS_PATH, Category, Referrers, clean_host
+from processors.referrers import LISTS_PATH, REFERRERS_PATH, Category, Known, Referrers, clean_host
 
 ATTRIBUTION_PATH = Path(__file__).with_name("attribution.toml")
 Channel = Literal[
@@ -182,8 +183,8 @@ def load_attribution(path: Path = ATTRIBUTION_PATH) -> AttributionFile:
 
 
 @lru_cache(maxsize=4)
-def _referrers(path: Path) -> Referrers:
-    return Referrers(path)  # shared by every Classifier, so per-project ones reuse the host memo
+def _referrers(path: Path, lists_path: Path | None) -> Referrers:
+    return Referrers(path, lists_path)  # shared by every Classifier: one host memo per process
 
 
 CLASSIFIER_VERSION: str = load_attribution().version
@@ -215,6 +216,10 @@ def _extract(url: str, wanted: frozenset[str]) -> dict[str, str]:
     return out
 
 
+def _category(known: Known | None) -> str:
+    return known.category if known else ""
+
+
 class Classifier:
     """Classifies (landing URL, referrer) pairs; per-project rules run before the built-ins."""
 
@@ -224,8 +229,10 @@ class Classifier:
         *,
         rules_path: Path = ATTRIBUTION_PATH,
         referrers_path: Path = REFERRERS_PATH,
+        lists_path: Path | None = LISTS_PATH,
     ) -> None:
-        """Load the tables (cached per path) and validate extra_rules; raise RuleError if bad."""
+        """Load the tables (cached per path; lists_path=None: the hand-kept referrers only) and
+        validate extra_rules; raise RuleError if bad."""
         table = load_attribution(rules_path)
         if table.rules[-1].has_conditions():
             raise RuleError(f"{rules_path.name}: the last rule must be a catch-all")
@@ -244,29 +251,29 @@ class Classifier:
             raise RuleError("rule ids must be unique across extra and built-in rules")
         self.version = table.version
         self._rules = tuple(_Rule.compile(s) for s in specs)
-        self._refs = _referrers(referrers_path)
+        self._refs = _referrers(referrers_path, lists_path)
         self._clicks = table.click_ids
-        self._click_categories = {c.param: self._category(c.source) for c in self._clicks}
+        self._click_categories = {c.param: _category(self._known(c.source)) for c in self._clicks}
         self._wanted = frozenset((*_UTM, *(c.param for c in self._clicks)))
         # Resolved facts repeat far more than raw URLs do: memoise rule choice and why text.
         self._decide = lru_cache(maxsize=65536)(self._decide_uncached)
 
     def _decide_uncached(
-        self, facts: _Facts, origin: str, click_param: str
+        self, facts: _Facts, origin: str, via: str, click_param: str
     ) -> tuple[RuleSpec, str]:
         rule = next(r for r in self._rules if r.matches(facts)).spec  # built-ins end in catch-all
         category = f", {facts.source_category}" if facts.source_category else ""
         why = (
-            f"{rule.why} Inputs: source={facts.source!r} ({origin}{category}),"
+            f"{rule.why} Inputs: source={facts.source!r} ({origin}{f'; {via}' if via else ''}"
+            f"{category}),"
             f" medium={facts.medium!r}"
             f"{f', campaign={facts.campaign!r}' if facts.campaign else ''}"
             f"{f', click id {click_param} ({facts.click_network})' if click_param else ''}."
         )
         return rule, why
 
-    def _category(self, source: str) -> str:
-        known = self._refs.lookup_source(source)
-        return known.category if known else ""
+    def _known(self, source: str) -> Known | None:
+        return self._refs.lookup_source(source)
 
     def classify(self, url: str | None, referrer: str | None) -> Classification:
         """Classify one visit; never raises on junk input (non-strings count as missing)."""
@@ -281,19 +288,20 @@ class Classifier:
         if referrer:
             scheme, authority = _AUTHORITY.match(referrer).groups()  # type: ignore[union-attr]
             ref = self._refs.resolve((scheme or "").lower(), authority)
-        internal = ""
+        internal = via = ""  # via: the table that named the source, for the why text
         if ref is not None:  # same host as the landing page (ignoring www.) is no source
             landing = _AUTHORITY.match(url).group(2)  # type: ignore[union-attr]
             if ref.host == clean_host(landing):
                 ref, internal = None, "; internal referrer ignored"
         if has_utm:  # utm always beats the referrer and click ids (GA4 manual tagging)
             source, medium = utm_source.lower() or "(not set)", utm_medium.lower() or "(not set)"
-            category, origin = self._category(source) if utm_source else "", "utm"
+            known = self._known(source) if utm_source else None
+            category, origin, via = _category(known), "utm", known.via if known else ""
         elif click is not None and click.medium:  # e.g. gclid: proof of an ad click
             source, medium, origin = click.source, click.medium, f"click id {click.param}"
             category = self._click_categories[click.param]
         elif ref is not None:
-            source, category, origin = ref.source, ref.category, ref.origin
+            source, category, origin, via = ref.source, ref.category, ref.origin, ref.via
             medium = "organic" if category == "search" else "referral"
         elif click is not None:  # e.g. fbclid with a stripped referrer: still that network
             source, medium, origin = click.source, "referral", f"click id {click.param}"
@@ -311,7 +319,7 @@ class Classifier:
             click.network if click else "",
             has_utm,
         )
-        rule, why = self._decide(facts, origin + internal, click.param if click else "")
+        rule, why = self._decide(facts, origin + internal, via, click.param if click else "")
         return Classification(
             source=source,
             medium=medium,
