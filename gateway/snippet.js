@@ -162,7 +162,9 @@
     };
     if (userId) body.user_id = userId;
     queue.push({ path: BATCH, body });
-    schedule(queue.length >= MAX_BATCH ? 0 : FLUSH_MS);
+    const full = queue.length >= MAX_BATCH && !attempt; // a full batch goes now, unless backing off
+    if (full) clearTimeout(timer), (timer = 0);
+    schedule(full ? 0 : FLUSH_MS);
     return body.event_id;
   };
 

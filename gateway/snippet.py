@@ -52,7 +52,7 @@ async def serve(request: Request) -> Response:
         "cache-control": CACHE_CONTROL,
         "etag": snippet.etag,
         "vary": "Accept-Encoding",
-        # Readable cross-origin, so a site may pin it with Subresource Integrity.
+        # Readable cross-origin, for sites that load their scripts with `crossorigin`.
         "access-control-allow-origin": "*",
         "cross-origin-resource-policy": "cross-origin",
         "x-content-type-options": "nosniff",

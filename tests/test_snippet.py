@@ -5,11 +5,12 @@ an sk_ or rk_ key there is refused. The browser side is in test_snippet_browser.
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import pytest
 import rjsmin
 
-from gateway.snippet import SOURCE
+from gateway.snippet import SOURCE, build
 from tests import test_gateway
 from tests.test_gateway import ORIGIN, Gw, check_accepted, check_error
 
@@ -33,7 +34,9 @@ async def test_a_js_is_the_minified_source_gzipped_and_cached_by_etag(gw: Gw) ->
     zipped = await gw.client.get("/v1/a.js", headers={"accept-encoding": "gzip, br"})
     assert zipped.headers["content-encoding"] == "gzip" and zipped.headers["etag"] == etag
     assert zipped.content == r.content  # httpx decoded it
-    assert len(gzip.compress(r.content)) < 3000
+    assert gzip.decompress(build().gzipped) == r.content
+    size = f"**{len(r.content)} bytes minified, {len(build().gzipped)} bytes gzipped**"
+    assert size in (Path(__file__).parents[1] / "README.md").read_text(), "README: update the size"
     for tags in (etag, f'W/{etag}, "other"', "*"):
         again = await gw.client.get("/v1/a.js", headers={"if-none-match": tags})
         assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag

@@ -217,6 +217,8 @@ def test_page_views_track_and_spa_navigation(
     event_id = browser.execute_script("return millimetric.track('signup', {plan: 'free'})")
     browser.execute_script("history.pushState({}, '', '/pricing?tab=2')")
     browser.execute_script("history.replaceState({}, '', '/pricing?tab=2#faq')")  # same page
+    browser.execute_script("millimetric.identify('user_42', {plan: 'pro'})")
+    browser.execute_script("millimetric.track('upgraded')")
 
     views = rows(
         pipeline,
@@ -240,8 +242,16 @@ def test_page_views_track_and_spa_navigation(
     assert len(landing[7]) == 32 and pricing[7] == landing[7]
     left = rows(pipeline, "path, properties", "event = '$pageleave' AND path = '/landing'", 1)
     assert json.loads(left[0][1])["duration_ms"] >= 0
+    linked = rows(pipeline, "event, user_id, anonymous_id", "event IN ('$identify', 'upgraded')", 2)
+    assert sorted(linked) == [
+        ["$identify", "user_42", landing[7]],
+        ["upgraded", "user_42", landing[7]],
+    ]
     stored = browser.execute_script("return localStorage.getItem('mm_aid')")
     assert stored == landing[7]
+    browser.execute_script("millimetric.reset()")
+    assert browser.execute_script("return localStorage.getItem('mm_uid')") is None
+    assert browser.execute_script("return localStorage.getItem('mm_aid')") not in (None, stored)
 
 
 def test_closing_the_tab_sends_what_is_queued(
