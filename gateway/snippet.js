@@ -110,16 +110,22 @@
       .then((response) => {
         if (response.status === 429 || response.status >= 500) throw response;
         attempt = 0;
-        if (!response.ok) {
-          // Any other 4xx will not heal by retrying: drop these events and say why.
-          response
-            .json()
-            .catch(noop)
-            .then((answer) => {
-              const reason = answer ? answer.error + ": " + answer.message : response.status;
-              warn("dropped " + items.length + " event(s): " + reason);
-            });
-        }
+        if (response.ok) return;
+        return response
+          .json()
+          .catch(noop)
+          .then((answer) => {
+            const details = (answer && answer.details) || [];
+            if (details.some((d) => d.field === "timestamp") && items[0].body.timestamp) {
+              // This browser's clock is outside the server's window: let the server time them.
+              for (const item of items) delete item.body.timestamp;
+              queue = items.concat(queue);
+              return;
+            }
+            // Any other 4xx will not heal by retrying: drop these events and say why.
+            const reason = answer ? answer.error + ": " + answer.message : response.status;
+            warn("dropped " + items.length + " event(s): " + reason);
+          });
       })
       .catch(() => {
         // 429, 5xx or the network: put them back, retry with capped exponential backoff.

@@ -280,12 +280,21 @@ def test_retries_429_and_503_then_drops_a_4xx_with_a_warning(
     wait_for(lambda: len(site.received) == 3)
     ids = [[e["event_id"] for e in body["events"]] for body in site.received]
     assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 1  # the same page view, three times
+    # A clock the server refuses: sent again at once, without the browser's timestamp.
+    clock = {"index": 0, "field": "timestamp", "message": "too far in the future"}
+    refused = {"ok": False, "error": "invalid_payload", "message": "bad", "details": [clock]}
+    site.answers[:] = [(400, refused)]
+    browser.execute_script("millimetric.track('late_clock')")
+    wait_for(lambda: len(site.received) == 5)
+    first, again = (body["events"][0] for body in site.received[3:])
+    assert first["event_id"] == again["event_id"] and "timestamp" in first
+    assert "timestamp" not in again
     site.answers[:] = [(400, {"ok": False, "error": "invalid_payload", "message": "bad"})]
     browser.get_log("browser")
     browser.execute_script("millimetric.track('refused')")
-    wait_for(lambda: len(site.received) == 4)
+    wait_for(lambda: len(site.received) == 6)
     time.sleep(3)  # past the first backoff: a dropped event is not sent again
-    assert len(site.received) == 4
+    assert len(site.received) == 6
     logs = [e["message"] for e in browser.get_log("browser")]
     assert any("dropped 1 event(s): invalid_payload: bad" in m for m in logs), logs
 
