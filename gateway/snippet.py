@@ -36,13 +36,15 @@ def build() -> Snippet:
     """Minify `snippet.js` (keeping its /*! banner) and gzip it once per process."""
     minified = rjsmin.jsmin(SOURCE.read_text(encoding="utf-8"), keep_bang_comments=True)
     body = minified.strip().encode("utf-8") + b"\n"
-    etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+    # Weak: the plain and the gzipped bytes are the same script, so they share one tag.
+    etag = 'W/"' + hashlib.sha256(body).hexdigest()[:20] + '"'
     return Snippet(body, gzip.compress(body, 9, mtime=0), etag)
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
+    # If-None-Match compares weakly (RFC 9110 13.1.2): W/ prefixes do not matter.
     tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-    return "*" in tags or etag in tags
+    return "*" in tags or etag.removeprefix("W/") in tags
 
 
 async def serve(request: Request) -> Response:
