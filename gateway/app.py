@@ -22,6 +22,7 @@ from gateway.client_context import ClientContext
 from gateway.endpoints import ROUTES, IngestEndpoint
 from gateway.openapi import build_openapi
 from gateway.publish import Publisher
+from gateway.query_key import authorization
 from gateway.rate_limit import (
     Limit,
     MemoryRateLimiter,
@@ -30,6 +31,8 @@ from gateway.rate_limit import (
     load_default_limits,
 )
 from gateway.responses import error_response, json_response
+from gateway.snippet import build as build_snippet
+from gateway.snippet import serve as serve_snippet
 from gateway.validate import Validator
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
@@ -82,9 +85,10 @@ async def _forget_status(request: Request) -> Response:
     """GET /v1/forget/{forget_id}: pending until a sink has carried the forget out (sk_ keys)."""
     gw: Gateway = request.app.state.gateway
     try:
-        who = gw.keys.authenticate(
-            request.headers.get("authorization"), request.headers.get("origin"), "forget"
+        credentials = authorization(
+            request.headers.get("authorization"), request.scope["query_string"]
         )
+        who = gw.keys.authenticate(credentials, request.headers.get("origin"), "forget")
     except AuthError as error:
         return error_response(error.code)
     forget_id = request.path_params["forget_id"]
@@ -147,6 +151,7 @@ class GatewayApp:
 def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
     """The gateway's ASGI app; `bootstrap` is the Kafka cluster to publish to."""
     gateway = Gateway(settings, bootstrap)
+    build_snippet()  # minified at start: a broken snippet source fails the boot, not a visit
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -163,6 +168,7 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
     ]
     routes += [Route("/v1/forget/{forget_id}", _forget_status, methods=["GET"])]
     routes += [Route("/health", _health), Route("/ready", _ready)]
+    routes += [Route("/v1/a.js", serve_snippet)]
     routes += [Route("/openapi.json", _openapi)]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.auth import ROUTE_KINDS, AuthError, KeyStore, Principal
 from gateway.publish import BrokerUnavailable
+from gateway.query_key import authorization
 from gateway.responses import error_response, send_json
 from gateway.validate import InvalidBody
 from ingest.records import Context, encode, record_key
@@ -153,7 +154,8 @@ class IngestEndpoint:
         try:
             # The spec's order: authenticate, validate, limit. A caller without a valid key
             # never gets its body read.
-            principal = gw.keys.authenticate(headers.get("authorization"), origin, route)
+            credentials = authorization(headers.get("authorization"), scope["query_string"])
+            principal = gw.keys.authenticate(credentials, origin, route)
             body = await read_body(headers, receive, self.limit)
             client = scope.get("client")
             ctx = gw.context.build(client[0] if client else None, headers)

@@ -106,7 +106,10 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "operationId": route,
             "summary": summary,
             "description": f"Keys: {kinds}. Body at most {limit} bytes.",
-            "security": [{"bearer": []}],
+            "security": [
+                {"bearer": []},
+                *([{"query_key": []}] if "pk" in ROUTE_KINDS[route][0] else []),
+            ],
             "requestBody": {"required": True, "content": _json(request.__name__)},
             "responses": {
                 "202": {
@@ -168,6 +171,15 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "query_key": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "key",
+                    "description": "A pk_ key, for navigator.sendBeacon (it cannot set "
+                    "headers); sk_ and rk_ keys here are refused (403 secret_key_in_url).",
+                },
+            },
         },
     }

@@ -66,6 +66,13 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "server-side.",
         "authenticate",
     ),
+    "secret_key_in_url": ErrorCode(
+        403,
+        "Only pk_ keys may be sent in the URL (`?key=`); this is an sk_ or rk_ key.",
+        "Send sk_ and rk_ keys from servers only, as `Authorization: Bearer`. A secret key that "
+        "was put in a URL or a page is exposed: revoke it (`millimetric keys revoke`).",
+        "authenticate",
+    ),
     "read_only_key": ErrorCode(
         403,
         "rk_ keys are read-only and cannot send events.",

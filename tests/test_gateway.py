@@ -288,7 +288,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "read_only_key": ("track", {"body": {"event": "a"}, "key": "<rk>"}),
     "forget_requires_secret_key": ("forget", {"body": {"user_id": "u"}, "key": "<pk>"}),
 }
+# secret_key_in_url needs a query string: tested in test_snippet.py.
 OTHER_ROWS = {"not_found", "method_not_allowed", "rate_limited", "broker_unavailable"}
+OTHER_ROWS |= {"secret_key_in_url"}
 
 
 def test_every_error_row_has_a_test() -> None:
@@ -575,7 +577,8 @@ async def test_openapi_is_generated_from_the_models_and_the_table(gw: Gw) -> Non
     assert "Retry-After" in doc["paths"]["/v1/track"]["post"]["responses"]["429"]["headers"]
     forget = doc["paths"]["/v1/forget"]["post"]["responses"]["403"]
     assert forget["content"]["application/json"]["schema"]["properties"]["error"]["enum"] == [
-        "forget_requires_secret_key"
+        "secret_key_in_url",
+        "forget_requires_secret_key",
     ]
 
 
