@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.auth import ROUTE_KINDS, AuthError, KeyStore, Principal
+from gateway.decompress import decode_body
 from gateway.publish import BrokerUnavailable
 from gateway.responses import error_response, send_json
 from gateway.validate import InvalidBody
@@ -155,6 +156,7 @@ class IngestEndpoint:
             # never gets its body read.
             principal = gw.keys.authenticate(headers.get("authorization"), origin, route)
             body = await read_body(headers, receive, self.limit)
+            body = decode_body(headers.get("content-encoding"), body, self.limit)
             client = scope.get("client")
             ctx = gw.context.build(client[0] if client else None, headers)
             accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))
