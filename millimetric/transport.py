@@ -75,7 +75,7 @@ class Transport:
     def post(self, route: str, body: bytes) -> Answer:
         """POST one body; raises one of NETWORK_ERRORS when no answer came."""
         if self.gzip and len(body) >= GZIP_MIN_BYTES:
-            packed = gzip.compress(body, compresslevel=1)
+            packed = gzip.compress(body, compresslevel=1, mtime=0)  # same bytes on retry
             if len(packed) < len(body):
                 answer = self._post(route, packed, {"Content-Encoding": "gzip"})
                 if (answer.status, answer.error) not in GZIP_REFUSED:
