@@ -146,7 +146,7 @@ def run(root: Path, events: int, seconds: float, gateway_eps: float | None = Non
     return [
         Row("client", f"events/s accepted, one process, {events:,} events", events /
             flat["seconds"], gateway_eps, "-", "events/s"),
-        Row("client", "events/s visible in ClickHouse, one process", events / visible, None,
+        Row("client", "events/s visible in ClickHouse (pipeline-bound)", events / visible, None,
             "-", "events/s"),
         Row("client", "track() p99, flat out", flat["p99_us"], None, "µs", "µs"),
         Row("client", f"track() p99 at {at}, gateway up", up["p99_us"], None, "µs", "µs"),
