@@ -9,7 +9,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from millimetric.client import Client, Failure, FlushResult, RejectedError
+from millimetric.client import Client
+from millimetric.messages import Failure, FlushResult, RejectedError
 
 __all__ = [
     "Client",

@@ -10,7 +10,8 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
-from millimetric.client import Client, FlushResult
+from millimetric.client import Client
+from millimetric.messages import FlushResult
 
 
 class AsyncClient:

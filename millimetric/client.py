@@ -2,13 +2,11 @@
 
 `track()` stamps the event with its `event_id` and time, appends it to a bounded in-memory queue
 and returns; one background thread per client and process takes up to `max_batch` events at a
-time (or whatever is queued once `flush_interval_s` passed) and posts them to `/v1/batch`. It
-retries 429, 503, other transient statuses and network errors with backoff (`backoff.py`), always
-resending the same bytes, so a retry carries the same `event_id` and timestamp and the warehouse
-collapses any repeat. It splits a batch the gateway answers 413 for, and takes the events a 400
-names out of their batch and resends the rest. Nothing is dropped silently: an event that cannot
-be delivered (queue full, refused for good, still unsent when `close()` gave up) is passed to
-`on_error` in a `Failure` and counted.
+time (or whatever is queued once `flush_interval_s` passed) and hands them to `delivery.py`, which
+posts them to `/v1/batch`, retries, splits, and settles each one: accepted, or passed to
+`on_error` in a `Failure` and counted (so nothing is dropped silently; a full queue and a closed
+client are failures too). Retries resend the same bytes, so the same `event_id` and timestamp,
+which the warehouse collapses.
 
 Standard library only (http.client, json, gzip, threading), so it can be installed and vendored
 without the pipeline's dependencies.
@@ -17,7 +15,6 @@ without the pipeline's dependencies.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import threading
@@ -26,70 +23,14 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
-from millimetric.backoff import RETRYABLE, delay_s
-from millimetric.transport import NETWORK_ERRORS, Answer, Transport
+from millimetric.delivery import Delivery
+from millimetric.messages import Failure, FlushResult, Message, RejectedError
+from millimetric.transport import Transport
 
 log = logging.getLogger("millimetric.client")
-
-# (route, body, future): "batch" for a track event; identify and forget go to their own routes
-Message = tuple[str, dict[str, Any], "Future[str] | None"]
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """Events the gateway did not accept and never will from this client, and why.
-
-    `reason` is the gateway's error code (`invalid_payload`, `invalid_api_key`, ...) or the
-    client's own: `queue_full`, `unserializable`, `closed` (still unsent when close() gave up).
-    """
-
-    reason: str
-    message: str
-    events: list[dict[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class FlushResult:
-    """Events accepted and failed since the previous flush()/close(), and those still unsettled
-    when the wait ran out (0 when the flush completed)."""
-
-    accepted: int
-    failed: int
-    pending: int
-    reasons: dict[str, int] = field(default_factory=dict)  # failed events by Failure.reason
-
-    @property
-    def ok(self) -> bool:
-        """True when every event was accepted."""
-        return not self.failed and not self.pending
-
-
-class RejectedError(Exception):
-    """Set on the future of forget() when the gateway refused it."""
-
-
-def _iso(seconds: float) -> str:
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{whole}.{int(seconds * 1000) % 1000:03d}Z"
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def encode(body: dict[str, Any]) -> bytes:
-    """One event as compact JSON; its timestamp (epoch seconds when the client set it) as ISO."""
-    if isinstance(body.get("timestamp"), float | int):
-        body = {**body, "timestamp": _iso(body["timestamp"])}
-    return json.dumps(
-        body, separators=(",", ":"), allow_nan=False, default=_json_default, ensure_ascii=False
-    ).encode()
 
 
 class Client:
@@ -135,14 +76,14 @@ class Client:
         self._closing = False
         self._abandon = threading.Event()  # close() gave up: stop retrying
         self._sender: threading.Thread | None = None
-        self._transport = Transport(self.host, self.key, self.timeout_s)
-        self._byte_cap = self.max_batch_bytes  # lowered when the gateway answers 413
+        transport = Transport(self.host, self.key, self.timeout_s)
+        self._delivery = Delivery(
+            transport, self.max_batch_bytes, self._accept, self._report, self._abandon
+        )
         self._queued = 0  # events ever queued; the sender settles them in order
         self._settled = 0
         self.accepted = 0
         self.failed: Counter[str] = Counter()
-        self.retries: Counter[str] = Counter()  # by cause: "429", "503", "network", ...
-        self.splits = 0
         self._reported = (0, Counter[str]())
 
     # --- the caller's side: never blocks on the network ------------------------------------
@@ -220,6 +161,16 @@ class Client:
     def _start_sender(self) -> None:
         self._sender = threading.Thread(target=self._run, name="millimetric-sender", daemon=True)
         self._sender.start()
+
+    @property
+    def retries(self) -> Counter[str]:
+        """Retries so far, by cause: "429", "503", "network", ..."""
+        return self._delivery.retries
+
+    @property
+    def splits(self) -> int:
+        """Batches split because the gateway answered 413."""
+        return self._delivery.splits
 
     # --- flush and close ---------------------------------------------------------------------
 
@@ -299,79 +250,10 @@ class Client:
                     self._cond.wait(wait if self._queue else None)
                 messages = self._take()
             try:
-                self._deliver(messages)
+                self._delivery.deliver(messages)
             except Exception:  # a bug must cost these events, not the sender thread
                 log.exception("millimetric: sender failed on %d events", len(messages))
                 self._report("client_error", "see the log", messages)
-
-    def _deliver(self, messages: list[Message]) -> None:
-        route, body, future = messages[0]
-        if route != "batch":
-            answer = self._send(route, encode(body))
-            if answer is not None and answer.status == 202:
-                self._accept(1)
-                if future is not None:
-                    future.set_result(str(answer.body.get("forget_id", "")))
-            else:
-                self._refuse(answer, messages)
-            return
-        encoded: list[tuple[Message, bytes]] = []
-        for message in messages:
-            try:
-                encoded.append((message, encode(message[1])))
-            except (TypeError, ValueError) as error:
-                self._report("unserializable", str(error), [message])
-        chunk: list[tuple[Message, bytes]] = []
-        size = 0
-        for item in encoded:
-            if chunk and size + len(item[1]) + 1 > self._byte_cap:
-                self._post_batch(chunk)
-                chunk, size = [], 0
-            chunk.append(item)
-            size += len(item[1]) + 1
-        if chunk:
-            self._post_batch(chunk)
-
-    def _post_batch(self, items: list[tuple[Message, bytes]]) -> None:
-        work = [items]
-        while work:
-            part = work.pop()
-            body = b'{"events":[' + b",".join(data for _, data in part) + b"]}"
-            answer = self._send("batch", body)
-            if answer is not None and answer.status == 202:
-                self._accept(len(part))
-            elif answer is not None and answer.status == 413 and len(part) > 1:
-                self._byte_cap = max(1024, min(self._byte_cap, len(body) // 2))
-                self.splits += 1
-                half = len(part) // 2
-                work += [part[half:], part[:half]]  # the first half is sent first
-            elif answer is not None and (bad := _bad_indexes(answer, len(part))):
-                for index, message in sorted(bad.items()):
-                    self._report(answer.error, message, [part[index][0]])
-                rest = [item for i, item in enumerate(part) if i not in bad]
-                if rest:
-                    work.append(rest)
-            else:
-                self._refuse(answer, [message for message, _ in part])
-
-    def _send(self, route: str, body: bytes) -> Answer | None:
-        """POST until an answer that is not worth retrying; None when close() gave up."""
-        attempt = 0
-        while not self._abandon.is_set():
-            retry_after = None
-            try:
-                answer = self._transport.post(route, body)
-            except NETWORK_ERRORS:
-                cause = "network"
-            else:
-                if answer.status not in RETRYABLE:
-                    return answer
-                cause, retry_after = str(answer.status), answer.retry_after
-            with self._cond:
-                self.retries[cause] += 1
-            self._abandon.wait(delay_s(attempt, retry_after))
-            attempt += 1
-        return None
 
     # --- settling: every queued event ends up accepted or reported ---------------------------
 
@@ -380,13 +262,6 @@ class Client:
             self.accepted += count
             self._settled += count
             self._cond.notify_all()
-
-    def _refuse(self, answer: Answer | None, messages: list[Message]) -> None:
-        if answer is None:
-            self._report("closed", "still unsent when close() gave up", messages)
-        else:
-            reason = answer.error or f"http_{answer.status}"
-            self._report(reason, str(answer.body.get("message", "")), messages)
 
     def _report(
         self, reason: str, message: str, messages: list[Message], settles: bool = True
@@ -409,18 +284,6 @@ class Client:
             self.on_error(failure)
         except Exception:  # the application's handler must not stop the sender
             log.exception("millimetric: on_error raised")
-
-
-def _bad_indexes(answer: Answer, size: int) -> dict[int, str]:
-    """The events a 400 names (index -> message): the batch minus them can be resent."""
-    if answer.status != 400 or answer.error != "invalid_payload":
-        return {}
-    bad: dict[int, str] = {}
-    for detail in answer.body.get("details") or []:
-        index = detail.get("index") if isinstance(detail, dict) else None
-        if isinstance(index, int) and 0 <= index < size:
-            bad.setdefault(index, str(detail.get("message", "")))
-    return bad
 
 
 _LIVE: weakref.WeakSet[Client] = weakref.WeakSet()

@@ -22,7 +22,8 @@ from gateway.key_admin import create_key, set_project_limit
 from gateway.rate_limit import Limit
 from ingest.dev import free_port
 from millimetric.aio import AsyncClient
-from millimetric.client import Client, Failure
+from millimetric.client import Client
+from millimetric.messages import Failure
 from tests.services import Pipeline, kafka_broker
 
 UNLIMITED = Limit(1_000_000.0, 1_000_000)
