@@ -31,6 +31,7 @@ from millimetric.messages import Failure, FlushResult, Message, RejectedError
 from millimetric.transport import Transport
 
 log = logging.getLogger("millimetric.client")
+ABANDON_JOIN_S = 1.0  # after close() gave up: how long the in-flight batch may take to settle
 
 
 class Client:
@@ -215,6 +216,9 @@ class Client:
             leftover = list(self._queue)
             self._queue.clear()
         self._abandon.set()  # whatever is still in flight gets one last answer, no retry
+        sender = self._sender
+        if sender is not None and sender is not threading.current_thread():
+            sender.join(ABANDON_JOIN_S)  # a backoff cut short settles at once; a request may not
         if leftover:
             self._report("closed", "still queued when close() gave up", leftover)
         _LIVE.discard(self)

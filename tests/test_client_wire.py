@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ingest.dev import free_port
 from millimetric.client import Client
 
 KEY = "sk_live_" + "a" * 32
@@ -124,3 +128,30 @@ def test_a_permanent_refusal_goes_to_on_error_with_the_events() -> None:
     (failure,) = failures
     assert failure.reason == "invalid_api_key" and [e["event_id"] for e in failure.events] == ids
     assert len(script.requests) == 1  # a 401 is not retried
+
+
+EXITING = """
+import millimetric
+print(" ".join(millimetric.track("at_exit", {"i": i}) for i in range(3)), flush=True)
+"""  # exits without flush() or close(): the atexit hook must send them
+
+
+def _exit_with_queued_events(host: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MILLIMETRIC_HOST": host, "MILLIMETRIC_KEY": KEY}
+    return subprocess.run(
+        [sys.executable, "-c", EXITING], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_events_queued_at_exit_are_sent() -> None:
+    script = Scripted([])
+    with serving(script) as url:
+        out = _exit_with_queued_events(url)
+    assert out.returncode == 0, out.stderr
+    assert [e["event_id"] for r in script.requests for e in events_of(r)] == out.stdout.split()
+
+
+def test_at_exit_with_no_gateway_the_wait_is_bounded_and_the_loss_reported() -> None:
+    out = _exit_with_queued_events(f"http://127.0.0.1:{free_port()}")  # nothing listens
+    assert out.returncode == 0 and len(out.stdout.split()) == 3
+    assert "3 events not accepted: closed" in out.stderr, out.stderr
