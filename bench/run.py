@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import classify, end_to_end, gateway, processor, sink
+from bench import classify, client, end_to_end, gateway, processor, sink
 from bench.table import Row, markdown, write_json
 
 
@@ -25,10 +25,23 @@ class Sizes:
     processor_events: int
     sink_rows: int
     classify_events: int
+    client_events: int  # tracked by one millimetric.Client process
 
 
-QUICK = Sizes(seconds=6, processor_events=20_000, sink_rows=60_000, classify_events=20_000)
-FULL = Sizes(seconds=20, processor_events=100_000, sink_rows=300_000, classify_events=100_000)
+QUICK = Sizes(
+    seconds=6,
+    processor_events=20_000,
+    sink_rows=60_000,
+    classify_events=20_000,
+    client_events=30_000,
+)
+FULL = Sizes(
+    seconds=20,
+    processor_events=100_000,
+    sink_rows=300_000,
+    classify_events=100_000,
+    client_events=100_000,
+)
 
 
 def machine() -> str:
@@ -61,6 +74,7 @@ def main(quick: bool, json_path: Path | None) -> int:
     rows += sink_rows
     slowest = min(gw.batch_eps, proc_eps, sink_rps)
     rows += end_to_end.run(root / "end_to_end", sizes.seconds, slowest)
+    rows += client.run(root / "client", sizes.client_events, sizes.seconds, gw.batch_eps)
     print(markdown(rows))
     print(f"took {time.monotonic() - started:.0f}s")
     if json_path is not None:

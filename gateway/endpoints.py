@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.auth import ROUTE_KINDS, AuthError, KeyStore, Principal
+from gateway.decompress import decode_body
 from gateway.publish import BrokerUnavailable
 from gateway.query_key import authorization
 from gateway.responses import error_response, send_json
@@ -157,6 +158,7 @@ class IngestEndpoint:
             credentials = authorization(headers.get("authorization"), scope["query_string"])
             principal = gw.keys.authenticate(credentials, origin, route)
             body = await read_body(headers, receive, self.limit)
+            body = decode_body(headers.get("content-encoding"), body, self.limit)
             client = scope.get("client")
             ctx = gw.context.build(client[0] if client else None, headers)
             accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))

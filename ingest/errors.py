@@ -41,6 +41,19 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "Split it: /v1/batch takes up to the configured bytes and events per call.",
         "validate",
     ),
+    "invalid_gzip": ErrorCode(
+        400,
+        "The body says `Content-Encoding: gzip` but is not a whole, valid gzip stream.",
+        "Send the complete gzip stream, or the plain body without that header.",
+        "validate",
+    ),
+    "unsupported_encoding": ErrorCode(
+        415,
+        "The body's Content-Encoding is not one the gateway decodes.",
+        "Send `Content-Encoding: gzip`, or no Content-Encoding. The size limit applies to the "
+        "decompressed body.",
+        "validate",
+    ),
     "missing_api_key": ErrorCode(
         401,
         "No `Authorization: Bearer <key>` header.",

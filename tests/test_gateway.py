@@ -281,6 +281,14 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "payload_too_large": ("track", {"body": {"event": "a", "url": "x" * 40_000}}),
+    "invalid_gzip": (
+        "batch",
+        {"content": b"\x1f\x8bnot gzip", "headers": JSON | {"content-encoding": "gzip"}},
+    ),
+    "unsupported_encoding": (
+        "track",
+        {"body": {"event": "a"}, "headers": JSON | {"content-encoding": "br"}},
+    ),
     "missing_api_key": ("track", {"body": {"event": "a"}, "headers": {"authorization": ""}}),
     "malformed_api_key": ("track", {"body": {"event": "a"}, "key": "sk_live_short"}),
     "invalid_api_key": ("track", {"body": {"event": "a"}, "key": "sk_live_" + "A" * 32}),
