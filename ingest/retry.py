@@ -64,9 +64,14 @@ async def retrying(
         before_sleep=_log_retry(operation),
         reraise=True,
     )
+
+    # tenacity awaits only what an `async def` returns; a lambda's coroutine would never run.
+    async def attempt() -> T:
+        return await call()
+
     try:
-        return await policy(call)
-    except Exception:
-        if attempts is not None:
+        return await policy(attempt)
+    except Exception as error:
+        if attempts is not None and not permanent(error):
             GAVE_UP.labels(operation).inc()
         raise

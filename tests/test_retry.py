@@ -22,7 +22,8 @@ async def test_a_fault_that_heals_is_retried_and_counted() -> None:
             raise ConnectionError("down")
         return "up"
 
-    assert await retrying("heals", flaky, first_delay_s=0.001) == "up"
+    # A lambda returning the coroutine, as callers pass arguments.
+    assert await retrying("heals", lambda: flaky(), first_delay_s=0.001) == "up"
     assert calls == 3
     assert _count(RETRIES, "heals") == 2
 
@@ -39,6 +40,10 @@ async def test_a_permanent_error_is_raised_at_once() -> None:
         await retrying("refused", refused, permanent=lambda e: isinstance(e, ValueError))
     assert calls == 1
     assert _count(RETRIES, "refused") == 0
+
+    with pytest.raises(ValueError):
+        await retrying("refused", refused, attempts=3, permanent=lambda e: True)
+    assert _count(GAVE_UP, "refused") == 0
 
 
 async def test_bounded_attempts_give_up_with_the_last_error() -> None:
