@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from clickhouse_driver.errors import NetworkError, ServerException
 
 from bench.services import ClickHouseServer
 from ingest.records import decode, encode
 from ingest.topics import ensure_topics, topic
+from sinks.clickhouse import refusal
 from tests.services import Pipeline
 
 T0 = 1_795_000_000_000  # a fixed instant, so rollup days are deterministic
@@ -209,6 +211,33 @@ def test_row_that_keeps_failing_goes_to_dead_letter(
     assert len(letters) == 1
     assert letters[0]["stage"] == "sink" and letters[0]["record"]["event_id"] == "e1000"
     assert "NoneType" in letters[0]["reason"]
+
+
+PARTITIONS = "DB::Exception: Too many partitions for single INSERT block (more than 100)."
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (ServerException(PARTITIONS, 252), "partitions"),
+        (RuntimeError(f"Code: 252. {PARTITIONS}"), "partitions"),  # chdb: the code in the text
+        (
+            ServerException("DB::Exception: Too many parts (300). Merges are slower", 252),
+            "transient",
+        ),
+        (NetworkError("Connection refused (127.0.0.1:9000)"), "transient"),
+        (ConnectionResetError(104, "Connection reset by peer"), "transient"),
+        (EOFError("Unexpected EOF while reading bytes"), "transient"),
+        (ServerException("DB::Exception: Memory limit exceeded", 241), "transient"),
+        (ServerException("DB::Exception: Type mismatch", 53), "content"),
+        (RuntimeError("Code: 800. DB::Exception: Python data handling Error"), "content"),
+        (TypeError("unsupported operand type(s)"), "content"),
+        (AttributeError("'NoneType' object has no attribute 'encode'"), "unknown"),
+        (ServerException("DB::Exception: Logical error", 49), "unknown"),
+    ],
+)
+def test_what_an_insert_error_says_about_the_rows(error: Exception, kind: str) -> None:
+    assert refusal(error) == kind
 
 
 def test_kill_9_sink_repeatedly_while_events_flow(
