@@ -93,6 +93,12 @@ def _iso(millis: int) -> str:
     return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="milliseconds")
 
 
+def _refuse(problems: list[dict[str, Any] | None]) -> None:
+    """Raise `invalid_payload` with the problems found, if any."""
+    if found := [p for p in problems if p]:
+        raise InvalidBody("invalid_payload", found[:MAX_DETAILS])
+
+
 class Validator:
     """Turns request bodies into raw records, enforcing the configured limits."""
 
@@ -163,12 +169,12 @@ class Validator:
     def track(self, body: bytes, project: str, ctx: Context, now: int, trusted: bool) -> RawEvent:
         """Validate a /v1/track body."""
         event = _parse(TrackBody, body)
-        problems = [
-            self._check_size(event.properties, "properties", None),
-            self._check_time(event.timestamp, now, None),
-        ]
-        if any(problems):
-            raise InvalidBody("invalid_payload", [p for p in problems if p])
+        _refuse(
+            [
+                self._check_size(event.properties, "properties", None),
+                self._check_time(event.timestamp, now, None),
+            ]
+        )
         return self._record(event, project, ctx, now, trusted)
 
     def batch(
@@ -189,17 +195,16 @@ class Validator:
                     }
                 ],
             )
-        problems = [
-            p
-            for i, e in enumerate(batch.events)
-            for p in (
-                self._check_size(e.properties, "properties", i),
-                self._check_time(e.timestamp, now, i),
-            )
-            if p
-        ]
-        if problems:
-            raise InvalidBody("invalid_payload", problems[:MAX_DETAILS])
+        _refuse(
+            [
+                p
+                for i, e in enumerate(batch.events)
+                for p in (
+                    self._check_size(e.properties, "properties", i),
+                    self._check_time(e.timestamp, now, i),
+                )
+            ]
+        )
         return [self._record(e, project, ctx, now, trusted) for e in batch.events]
 
     def identify(
@@ -207,12 +212,12 @@ class Validator:
     ) -> RawEvent:
         """Validate a /v1/identify body into an `$identify` event."""
         ident = _parse(IdentifyBody, body)
-        problems = [
-            self._check_size(ident.traits, "traits", None),
-            self._check_time(ident.timestamp, now, None),
-        ]
-        if any(problems):
-            raise InvalidBody("invalid_payload", [p for p in problems if p])
+        _refuse(
+            [
+                self._check_size(ident.traits, "traits", None),
+                self._check_time(ident.timestamp, now, None),
+            ]
+        )
         event = TrackEvent(
             event="$identify",
             anonymous_id=ident.anonymous_id,
