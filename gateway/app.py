@@ -52,7 +52,12 @@ class Gateway:
             compression=settings.kafka_compression,
             timeout_s=settings.publish_timeout_s,
         )
-        self.validator = Validator(settings.properties_max_bytes, settings.batch_max_events)
+        self.validator = Validator(
+            settings.properties_max_bytes,
+            settings.batch_max_events,
+            settings.timestamp_max_age_days,
+            settings.timestamp_max_future_s,
+        )
         self.context = ClientContext(settings.trusted_proxies, settings.edge_country_header)
         self.limits: dict[str, Limit] = load_default_limits()
         self.limiter: RateLimiter = (

@@ -52,7 +52,9 @@ Timestamp = Annotated[
     WithJsonSchema(
         {
             "anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}],
-            "description": "ISO 8601, 1970..2105; no offset means UTC. Default: server time.",
+            "description": "ISO 8601; no offset means UTC. At most "
+            "MILLIMETRIC_TIMESTAMP_MAX_AGE_DAYS (3650) days before the server's clock and "
+            "MILLIMETRIC_TIMESTAMP_MAX_FUTURE_S (86400) seconds after it. Default: server time.",
         }
     ),
 ]

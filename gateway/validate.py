@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -88,12 +89,30 @@ def _json_problem(value: dict[str, Any], max_bytes: int) -> str | None:
     return None
 
 
+def _iso(millis: int) -> str:
+    return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _refuse(problems: list[dict[str, Any] | None]) -> None:
+    """Raise `invalid_payload` with the problems found, if any."""
+    if found := [p for p in problems if p]:
+        raise InvalidBody("invalid_payload", found[:MAX_DETAILS])
+
+
 class Validator:
     """Turns request bodies into raw records, enforcing the configured limits."""
 
-    def __init__(self, properties_max_bytes: int, batch_max_events: int) -> None:
+    def __init__(
+        self,
+        properties_max_bytes: int,
+        batch_max_events: int,
+        timestamp_max_age_days: int,
+        timestamp_max_future_s: int,
+    ) -> None:
         self.properties_max_bytes = properties_max_bytes
         self.batch_max_events = batch_max_events
+        self.timestamp_max_age_days = timestamp_max_age_days
+        self.timestamp_max_future_s = timestamp_max_future_s
 
     def _record(
         self, e: TrackEvent, project: str, ctx: Context, now: int, trusted: bool
@@ -131,11 +150,31 @@ class Validator:
         detail: dict[str, Any] = {} if index is None else {"index": index}
         return detail | {"field": field, "message": f"{field}: {problem}"}
 
+    def _check_time(self, millis: int | None, now: int, index: int | None) -> dict[str, Any] | None:
+        """A detail when a client's timestamp is outside the window around the server's clock."""
+        if millis is None:
+            return None
+        if millis < now - self.timestamp_max_age_days * 86_400_000:
+            problem = f"is more than {self.timestamp_max_age_days} days in the past"
+        elif millis > now + self.timestamp_max_future_s * 1000:
+            problem = f"is more than {self.timestamp_max_future_s} seconds in the future"
+        else:
+            return None
+        detail: dict[str, Any] = {} if index is None else {"index": index}
+        return detail | {
+            "field": "timestamp",
+            "message": f"timestamp {_iso(millis)} {problem} (server time {_iso(now)})",
+        }
+
     def track(self, body: bytes, project: str, ctx: Context, now: int, trusted: bool) -> RawEvent:
         """Validate a /v1/track body."""
         event = _parse(TrackBody, body)
-        if problem := self._check_size(event.properties, "properties", None):
-            raise InvalidBody("invalid_payload", [problem])
+        _refuse(
+            [
+                self._check_size(event.properties, "properties", None),
+                self._check_time(event.timestamp, now, None),
+            ]
+        )
         return self._record(event, project, ctx, now, trusted)
 
     def batch(
@@ -156,13 +195,16 @@ class Validator:
                     }
                 ],
             )
-        problems = [
-            p
-            for i, e in enumerate(batch.events)
-            if (p := self._check_size(e.properties, "properties", i))
-        ]
-        if problems:
-            raise InvalidBody("invalid_payload", problems[:MAX_DETAILS])
+        _refuse(
+            [
+                p
+                for i, e in enumerate(batch.events)
+                for p in (
+                    self._check_size(e.properties, "properties", i),
+                    self._check_time(e.timestamp, now, i),
+                )
+            ]
+        )
         return [self._record(e, project, ctx, now, trusted) for e in batch.events]
 
     def identify(
@@ -170,8 +212,12 @@ class Validator:
     ) -> RawEvent:
         """Validate a /v1/identify body into an `$identify` event."""
         ident = _parse(IdentifyBody, body)
-        if problem := self._check_size(ident.traits, "traits", None):
-            raise InvalidBody("invalid_payload", [problem])
+        _refuse(
+            [
+                self._check_size(ident.traits, "traits", None),
+                self._check_time(ident.timestamp, now, None),
+            ]
+        )
         event = TrackEvent(
             event="$identify",
             anonymous_id=ident.anonymous_id,

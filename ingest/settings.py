@@ -96,6 +96,16 @@ class Settings(BaseSettings):
     properties_max_bytes: int = Field(
         8192, description="Limit of `properties` (and `traits`), as compact UTF-8 JSON."
     )
+    timestamp_max_age_days: int = Field(
+        3650,
+        description="How far in the past an event's `timestamp` may be (days before the "
+        "gateway's clock); older is refused with 400. Ten years: backfills pass.",
+    )
+    timestamp_max_future_s: int = Field(
+        86_400,
+        description="How far ahead of the gateway's clock an event's `timestamp` may be "
+        "(seconds); further is refused with 400. A day: device clocks and time-zone slips.",
+    )
     session_timeout_min: int = Field(
         30, description="Bucket width of the derived session_id (`${anonymous_id}-${bucket}`)."
     )
@@ -119,6 +129,12 @@ class Settings(BaseSettings):
     sink_batch_seconds: float = Field(1.0, description="Longest a row waits in the sink's batch.")
     sink_retry_max_s: float = Field(
         30.0, description="Cap of the sink's exponential backoff while ClickHouse refuses."
+    )
+    sink_insert_attempts: int = Field(
+        5,
+        description="Attempts of an insert that fails with an error not known to heal (not a "
+        "connection, timeout or overload) before its batch is halved; a single row that still "
+        "fails goes to the dead-letter topic.",
     )
     forget_grace_s: float = Field(
         5.0,

@@ -2,11 +2,12 @@
 
 One batch is stored (inserted, then its offsets committed) in the background while the next one
 fills, so consuming and decoding overlap the insert; at most one batch is in flight. While
-ClickHouse refuses, that batch is retried with capped exponential backoff, and once the next
-batch is due too (full, or as old as the batch interval) the sink pauses its partitions (it
+ClickHouse is unavailable, that batch is retried with capped exponential backoff, and once the
+next batch is due too (full, or as old as the batch interval) the sink pauses its partitions (it
 keeps its group membership but reads nothing more: backpressure, memory bounded by two
-batches). Offsets are committed only after an insert succeeded, in order; a crash re-reads at
-most the two open batches, and the events table collapses the repeats.
+batches). Rows ClickHouse refuses go to the dead-letter topic, so no batch is retried forever.
+Offsets are committed only after an insert succeeded, in order; a crash re-reads at most the
+two open batches, and the events table collapses the repeats.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from ingest.metrics import DEAD_LETTERS
 from ingest.records import decode, encode
+from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 from sinks.batch import EventBatch
-from sinks.clickhouse import ClickHouse, connect, is_content_error
+from sinks.clickhouse import ClickHouse, Refusal, connect, refusal
 from sinks.clickhouse_writer import EventWriter
 from sinks.erasure import ErasureExecutor, ErasureFilter, execute_erasures, follow
 from sinks.migrate import apply_retention, migrate
@@ -114,20 +117,24 @@ class Sink:
     async def _undecodable(
         self, tp: TopicPartition, offset: int, value: bytes | None, error: Exception
     ) -> None:
-        await self.producer.send_and_wait(
-            self.dead_letter.name,
-            key=b"sink",
-            value=encode(
-                {
-                    "stage": "sink",
-                    "reason": f"undecodable: {error!r}",
-                    "topic": tp.topic,
-                    "partition": tp.partition,
-                    "offset": offset,
-                    "record": (value or b"").decode("utf-8", "replace"),
-                }
-            ),
-        )
+        letter = {
+            "reason": f"undecodable: {error!r}",
+            "topic": tp.topic,
+            "partition": tp.partition,
+            "offset": offset,
+            "record": (value or b"").decode("utf-8", "replace"),
+        }
+        await self._send_dead_letter("undecodable", letter)
+
+    async def _send_dead_letter(self, reason: str, letter: dict[str, Any]) -> None:
+        """Put a record on the dead-letter topic, waiting out a broker outage; count it."""
+        value = encode({"stage": "sink", **letter})
+
+        async def send() -> None:  # a coroutine function: tenacity awaits only those
+            await self.producer.send_and_wait(self.dead_letter.name, key=b"sink", value=value)
+
+        await retrying("sink_dead_letter", send, max_delay_s=self.settings.sink_retry_max_s)
+        DEAD_LETTERS.labels("sink", reason).inc()
 
     async def flush(self, background: bool = False) -> None:
         """Store the open batch: insert it (retrying while ClickHouse refuses), then commit its
@@ -169,47 +176,63 @@ class Sink:
             await self.consumer.commit(batch.next_offsets)
 
     async def _write(self, batch: EventBatch) -> None:
-        """Insert a batch; rows ClickHouse refuses for their content go to the dead-letter topic.
+        """Insert a batch without ever retrying one forever.
 
-        A refused batch is halved until the refused rows stand alone, so one bad row costs
-        log2(batch) extra inserts and never blocks the partition. Halves already inserted when a
-        later one fails are harmless: the tables collapse repeats.
+        While ClickHouse is down, timing out or overloaded, the insert is retried until it heals
+        (the partitions pause meanwhile). A batch spanning more months than one insert may
+        create partitions for is split by month. Rows refused for their content, or failing
+        with an unknown error `sink_insert_attempts` times, are found by halving the batch and
+        go to the dead-letter topic with the reason: one bad row costs about log2(batch) extra
+        inserts and never blocks the partition. Halves already inserted when a later one fails
+        are harmless: the tables collapse repeats.
         """
         parts = [batch]
         while parts:
             part = parts.pop()
             try:
-                await self._insert_with_retry(part)
+                await self._insert(part)
             except Exception as error:
+                kind = refusal(error)
                 if part.rows > 1:
-                    parts.extend(reversed(part.split()))
+                    halves = part.split_by_month() if kind == "partitions" else part.split()
+                    parts.extend(reversed(halves))
                     continue
-                await self._dead_letter(part.row(0), f"clickhouse refused: {error}")
+                await self._dead_letter(part.row(0), kind, error)
 
-    async def _dead_letter(self, record: dict[str, Any], reason: str) -> None:
-        await self.producer.send_and_wait(
-            self.dead_letter.name,
-            key=b"sink",
-            value=encode({"stage": "sink", "reason": reason, "record": record}),
+    async def _dead_letter(self, record: dict[str, Any], kind: Refusal, error: Exception) -> None:
+        if kind == "content":
+            reason, text = "clickhouse_refused", f"clickhouse refused: {error}"
+        else:
+            attempts = self.settings.sink_insert_attempts
+            reason = "clickhouse_failed"
+            text = f"clickhouse failed {attempts} times: {type(error).__name__}: {error}"
+        await self._send_dead_letter(reason, {"reason": text, "record": record})
+        log.warning("dead-lettered event %s: %s", record.get("event_id"), text)
+
+    async def _insert(self, batch: EventBatch) -> None:
+        """Insert, retrying transient faults until they heal and unknown errors up to
+        `sink_insert_attempts` times; raise content refusals and what outlasts the attempts."""
+        max_delay_s = self.settings.sink_retry_max_s
+
+        async def attempt() -> None:
+            # Filter at every attempt: a forget may have arrived while ClickHouse was away.
+            await asyncio.to_thread(self.writer.insert, self.erasures.apply(batch))
+
+        async def until_not_transient() -> None:
+            await retrying(
+                "sink_insert",
+                attempt,
+                permanent=lambda e: refusal(e) != "transient",
+                max_delay_s=max_delay_s,
+            )
+
+        await retrying(
+            "sink_insert_failing",
+            until_not_transient,
+            permanent=lambda e: refusal(e) in ("content", "partitions"),
+            attempts=self.settings.sink_insert_attempts,
+            max_delay_s=max_delay_s,
         )
-        log.warning("dead-lettered event %s: %s", record.get("event_id"), reason)
-
-    async def _insert_with_retry(self, batch: EventBatch) -> None:
-        """Insert, retrying transient failures with capped backoff; raise content refusals."""
-        delay = 0.2
-        while True:
-            try:
-                # Filter at every attempt: a forget may have arrived while ClickHouse was away.
-                await asyncio.to_thread(self.writer.insert, self.erasures.apply(batch))
-                return
-            except Exception as error:
-                if is_content_error(error):
-                    raise
-                log.warning(
-                    "insert of %d rows failed (%r); retrying in %.1fs", batch.rows, error, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.sink_retry_max_s)
 
     async def stop(self) -> None:
         """Leave the group and disconnect."""
@@ -217,15 +240,13 @@ class Sink:
         await self.producer.stop()
 
 
-async def _connect(settings: Settings, attempts: int = 60) -> ClickHouse:
+async def _connect(settings: Settings) -> ClickHouse:
     """Connect, waiting while the server is down or another process briefly holds the store."""
-    for _ in range(attempts - 1):
-        try:
-            return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
-        except Exception as error:
-            log.warning("ClickHouse not available yet (%s); retrying", error)
-            await asyncio.sleep(1)
-    return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+
+    async def attempt() -> ClickHouse:  # a coroutine function: tenacity awaits only those
+        return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+
+    return await retrying("clickhouse_connect", attempt, attempts=60, max_delay_s=2.0)
 
 
 async def serve(settings: Settings, bootstrap: str) -> None:

@@ -51,6 +51,12 @@ EVENT_FIELDS: tuple[str, ...] = (
 _ROW = operator.itemgetter(*EVENT_FIELDS)
 
 
+def _month(millis: int) -> int:
+    """The UTC month of a timestamp, as a number that orders months."""
+    t = time.gmtime(millis // 1000)
+    return t.tm_year * 12 + t.tm_mon
+
+
 class EventBatch:
     """Column buffers for one insert."""
 
@@ -79,6 +85,17 @@ class EventBatch:
                 part.columns[name].extend(values[rows])
             part.rows = len(part.columns[EVENT_FIELDS[0]])
         return halves
+
+    def split_by_month(self) -> tuple[EventBatch, EventBatch]:
+        """Two batches holding half of the rows' months each: the events table is partitioned by
+        toYYYYMM(timestamp) (UTC), so each half creates half the partitions. One month: halves."""
+        months = [_month(ms) for ms in self.columns["timestamp"]]
+        distinct = sorted(set(months))
+        if len(distinct) < 2:
+            return self.split()
+        cut = distinct[len(distinct) // 2]
+        early = [month < cut for month in months]
+        return self.keep(early), self.keep([not e for e in early])
 
     def keep(self, mask: list[bool]) -> EventBatch:
         """A batch of the rows whose mask entry is true (offsets stay with the caller's batch)."""

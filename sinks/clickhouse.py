@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlparse
 
 # Feature -> first server version that has it. The Debian 18.16 server lacks all of these.
@@ -27,9 +27,13 @@ FEATURE_VERSIONS: dict[str, tuple[int, int]] = {
 }
 
 
-# Server error codes that mean "this data is wrong": retrying cannot help, the rows go to the
-# dead-letter topic. Everything else (connection loss, timeouts, too many parts, memory) is
-# retried with backoff.
+# What a failed insert says about the rows. "content": the rows are wrong, retrying cannot
+# help, the refused ones go to the dead-letter topic. "transient": the server or the moment,
+# not the rows; retried until it heals (an operator may have to act), nothing is dead-lettered.
+# "partitions": the block spans more months than one insert may create partitions for; split it.
+# "unknown": anything else; retried a bounded number of times, then treated as the rows' fault.
+Refusal = Literal["content", "transient", "partitions", "unknown"]
+
 CONTENT_ERROR_CODES: dict[int, str] = {
     6: "CANNOT_PARSE_TEXT",
     27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
@@ -45,18 +49,56 @@ CONTENT_ERROR_CODES: dict[int, str] = {
     386: "NO_COMMON_TYPE",
     800: "PY_EXCEPTION_OCCURED",  # chdb: a Python value its column cannot hold
 }
-# Client-side failures to encode a value are content errors too.
+TRANSIENT_ERROR_CODES: dict[int, str] = {
+    3: "UNEXPECTED_END_OF_FILE",
+    32: "ATTEMPT_TO_READ_AFTER_EOF",
+    60: "UNKNOWN_TABLE",
+    81: "UNKNOWN_DATABASE",
+    102: "UNEXPECTED_PACKET_FROM_SERVER",
+    159: "TIMEOUT_EXCEEDED",
+    164: "READONLY",
+    192: "UNKNOWN_USER",
+    193: "WRONG_PASSWORD",
+    202: "TOO_MANY_SIMULTANEOUS_QUERIES",
+    203: "NO_FREE_CONNECTION",
+    209: "SOCKET_TIMEOUT",
+    210: "NETWORK_ERROR",
+    225: "NO_ZOOKEEPER",
+    236: "ABORTED",
+    241: "MEMORY_LIMIT_EXCEEDED",
+    242: "TABLE_IS_READ_ONLY",
+    252: "TOO_MANY_PARTS",  # merges behind; but see TOO_MANY_PARTITIONS
+    285: "TOO_FEW_LIVE_REPLICAS",
+    286: "UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE",
+    319: "UNKNOWN_STATUS_OF_INSERT",
+    394: "QUERY_WAS_CANCELLED",
+    425: "SYSTEM_ERROR",
+    439: "CANNOT_SCHEDULE_TASK",
+    497: "ACCESS_DENIED",
+    516: "AUTHENTICATION_FAILED",
+    999: "KEEPER_EXCEPTION",
+}
+# Code 252 is also "Too many partitions for single INSERT block" (max_partitions_per_insert_block).
+TOO_MANY_PARTITIONS = re.compile(r"partitions for (a )?single insert block", re.IGNORECASE)
+# Without a code: client-side failures to encode a value, and a connection that failed.
 CONTENT_EXCEPTIONS = (TypeError, ValueError, OverflowError, struct.error)
+TRANSIENT_EXCEPTIONS = (OSError, EOFError)
 
 
-def is_content_error(error: BaseException) -> bool:
-    """Whether ClickHouse (or the driver) refused the data itself, not the moment."""
+def refusal(error: BaseException) -> Refusal:
+    """What a failed insert's error says about the rows (see `Refusal`)."""
     code = getattr(error, "code", None)
     if code is None and (match := re.search(r"Code: (\d+)", str(error))):
         code = int(match[1])  # chdb reports server codes in the message text
-    if code is not None:
-        return code in CONTENT_ERROR_CODES
-    return isinstance(error, CONTENT_EXCEPTIONS)
+    if code is None:
+        if isinstance(error, TRANSIENT_EXCEPTIONS):
+            return "transient"
+        return "content" if isinstance(error, CONTENT_EXCEPTIONS) else "unknown"
+    if TOO_MANY_PARTITIONS.search(str(error)):
+        return "partitions"
+    if code in CONTENT_ERROR_CODES:
+        return "content"
+    return "transient" if code in TRANSIENT_ERROR_CODES else "unknown"
 
 
 @dataclass(frozen=True, slots=True)

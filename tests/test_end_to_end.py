@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -231,5 +232,28 @@ def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
         # The worker that did this says it has a geo database.
         ready = httpx.get(f"http://127.0.0.1:{processor_port}/ready", timeout=10).json()
         assert ready["geo_available"] is True and "GeoLite2-Country" in ready["geo"]
+    finally:
+        p.stop()
+
+
+def test_one_batch_spanning_ten_years_lands_and_the_pipeline_flows_on(
+    fresh_broker: str, data_dir: Path
+) -> None:
+    """The window lets a backfill of ten years through in one /v1/batch: ~119 monthly partitions,
+    more than ClickHouse creates in one insert. It lands whole, and later events still flow."""
+    now = time.time()
+    day = 86_400
+    stamps = [
+        datetime.fromtimestamp(now - i * 30 * day, UTC).isoformat(timespec="milliseconds")
+        for i in range(121)
+    ]
+    env = {"MILLIMETRIC_SINK_BATCH_SECONDS": "3"}  # so the whole backfill meets in one insert
+    p = Pipeline(fresh_broker, None, data_dir, env).start()
+    try:
+        r = p.post("/v1/batch", {"events": [{"event": "old", "timestamp": t} for t in stamps]})
+        assert r.status_code == 202, r.text
+        assert p.post("/v1/track", {"event": "later"}).status_code == 202
+        p.wait_for("SELECT count() FROM events", "122\n", timeout=120)
+        assert int(p.sql("SELECT uniqExact(toYYYYMM(timestamp)) FROM events")) > 100
     finally:
         p.stop()

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -144,6 +144,11 @@ async def raw_records(bootstrap: str, ids: list[str]) -> dict[str, Any]:
     missing = [i for i in ids if i not in out]
     assert not missing, f"not on the raw topic: {missing}"
     return out
+
+
+def iso(millis: float) -> str:
+    """An ISO 8601 UTC instant with milliseconds."""
+    return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def check_error(r: httpx.Response, code: str, route: str | None = None) -> dict[str, Any]:
@@ -444,6 +449,24 @@ async def test_streamed_body_over_the_limit_without_content_length(gw: Gw) -> No
     headers = {**JSON, "authorization": f"Bearer {gw.sk}"}
     r = await gw.client.post("/v1/track", content=chunks(), headers=headers)
     check_error(r, "payload_too_large", "track")
+
+
+async def test_timestamps_outside_the_window_are_refused_naming_the_field(gw: Gw) -> None:
+    """Just inside MILLIMETRIC_TIMESTAMP_MAX_AGE_DAYS / _MAX_FUTURE_S is accepted; just outside is
+    400 invalid_payload naming each event's timestamp (the exact edges: test_timestamp_window)."""
+    s = gateway_settings(gw.bootstrap)
+    now, margin = time.time() * 1000, 60_000  # the gateway reads its clock a little after ours
+    oldest = now - s.timestamp_max_age_days * 86_400_000
+    newest = now + s.timestamp_max_future_s * 1000
+
+    def stamped(*millis: float) -> dict[str, Any]:
+        return {"events": [{"event": "a", "timestamp": iso(m)} for m in millis]}
+
+    check_accepted(await gw.post("/v1/batch", stamped(oldest + margin, newest - margin)), "batch")
+    r = await gw.post("/v1/batch", stamped(oldest + margin, oldest - margin, newest + margin))
+    details = check_error(r, "invalid_payload", "batch")["details"]
+    assert [(d["index"], d["field"]) for d in details] == [(1, "timestamp"), (2, "timestamp")]
+    assert "in the past" in details[0]["message"] and "in the future" in details[1]["message"]
 
 
 # --- limits at their boundaries -----------------------------------------------------------

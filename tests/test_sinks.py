@@ -8,18 +8,22 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from clickhouse_driver.errors import NetworkError, ServerException
 
 from bench.services import ClickHouseServer
-from ingest.records import encode
+from ingest.records import decode, encode
 from ingest.topics import ensure_topics, topic
+from sinks.clickhouse import refusal
 from tests.services import Pipeline
 
 T0 = 1_795_000_000_000  # a fixed instant, so rollup days are deterministic
+MONTH_MS = 31 * 86_400_000
 
 
 def enriched(i: int, **overrides: Any) -> dict[str, Any]:
@@ -102,14 +106,28 @@ def dead_letters(bootstrap: str, expected: int, timeout: float = 30) -> list[byt
 
 
 @pytest.fixture(params=["chdb", "server"])
-def sink_only(
-    request: pytest.FixtureRequest, fresh_broker: str, data_dir: Path
+def sink_url(request: pytest.FixtureRequest) -> str | None:
+    """Each ClickHouse a sink writes to: chdb (None) and the 18.16 server (its URL)."""
+    return request.getfixturevalue("ch_url") if request.param == "server" else None
+
+
+@contextmanager
+def running_sink(
+    bootstrap: str, url: str | None, data_dir: Path, env: dict[str, str] | None = None
 ) -> Iterator[Pipeline]:
-    """A sink process (no gateway or processor) on each ClickHouse."""
-    url = request.getfixturevalue("ch_url") if request.param == "server" else None
-    pipeline = Pipeline(fresh_broker, url, data_dir).start("sink")
-    yield pipeline
-    pipeline.stop()
+    """A sink process (no gateway or processor), stopped on exit."""
+    pipeline = Pipeline(bootstrap, url, data_dir, env).start("sink")
+    try:
+        yield pipeline
+    finally:
+        pipeline.stop()
+
+
+@pytest.fixture
+def sink_only(sink_url: str | None, fresh_broker: str, data_dir: Path) -> Iterator[Pipeline]:
+    """A sink process on each ClickHouse."""
+    with running_sink(fresh_broker, sink_url, data_dir) as pipeline:
+        yield pipeline
 
 
 def wait_counts(pipeline: Pipeline, n: int, timeout: float = 90) -> None:
@@ -153,6 +171,73 @@ def test_refused_and_undecodable_rows_go_to_dead_letter(sink_only: Pipeline) -> 
     text = b"\n".join(letters).decode()
     assert "clickhouse refused" in text and '"event_id":"e1000"' in text
     assert text.count("undecodable") == 2
+
+
+def test_batch_spanning_more_months_than_one_insert_may_touch_lands(
+    sink_url: str | None, fresh_broker: str, data_dir: Path
+) -> None:
+    """130 months in one batch: ClickHouse (since 19.x; not 18.16) refuses an insert creating
+    more than 100 partitions, which is not the rows' fault; the batch still lands, and flows on."""
+    spanning = [enriched(i, timestamp=T0 - i * MONTH_MS) for i in range(130)]
+    env = {"MILLIMETRIC_SINK_BATCH_SECONDS": "3"}  # so the 130 rows share one insert
+    with running_sink(fresh_broker, sink_url, data_dir, env) as sink:
+        produce(fresh_broker, spanning)
+        produce(fresh_broker, [enriched(i) for i in range(130, 150)])
+        wait_counts(sink, 150)
+        months = sink.sql("SELECT uniqExact(toYYYYMM(timestamp)) FROM events")
+        assert int(months) >= 130
+
+
+def test_row_that_keeps_failing_goes_to_dead_letter(
+    fresh_broker: str, ch_url: str, data_dir: Path
+) -> None:
+    """A decodable row with `url: null`: clickhouse-driver fails on it with an AttributeError,
+    which carries no ClickHouse code. After a bounded number of attempts it is dead-lettered with
+    the reason; the rest of its batch lands and later batches flow. (chdb stores that null as an
+    empty string, and every refusal of chdb we found carries a content code: see the test above.)"""
+    records = [enriched(i) for i in range(20)]
+    records.insert(7, enriched(1000, url=None))
+    env = {
+        "MILLIMETRIC_SINK_BATCH_SECONDS": "2",
+        "MILLIMETRIC_SINK_RETRY_MAX_S": "0.5",
+        "MILLIMETRIC_SINK_INSERT_ATTEMPTS": "3",
+    }
+    with running_sink(fresh_broker, ch_url, data_dir, env) as sink:
+        produce(fresh_broker, records)
+        wait_counts(sink, 20)
+        produce(fresh_broker, [enriched(i) for i in range(20, 40)])
+        wait_counts(sink, 40)
+    letters = [decode(v) for v in dead_letters(fresh_broker, 1)]
+    assert len(letters) == 1
+    assert letters[0]["stage"] == "sink" and letters[0]["record"]["event_id"] == "e1000"
+    assert "NoneType" in letters[0]["reason"]
+
+
+PARTITIONS = "DB::Exception: Too many partitions for single INSERT block (more than 100)."
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (ServerException(PARTITIONS, 252), "partitions"),
+        (RuntimeError(f"Code: 252. {PARTITIONS}"), "partitions"),  # chdb: the code in the text
+        (
+            ServerException("DB::Exception: Too many parts (300). Merges are slower", 252),
+            "transient",
+        ),
+        (NetworkError("Connection refused (127.0.0.1:9000)"), "transient"),
+        (ConnectionResetError(104, "Connection reset by peer"), "transient"),
+        (EOFError("Unexpected EOF while reading bytes"), "transient"),
+        (ServerException("DB::Exception: Memory limit exceeded", 241), "transient"),
+        (ServerException("DB::Exception: Type mismatch", 53), "content"),
+        (RuntimeError("Code: 800. DB::Exception: Python data handling Error"), "content"),
+        (TypeError("unsupported operand type(s)"), "content"),
+        (AttributeError("'NoneType' object has no attribute 'encode'"), "unknown"),
+        (ServerException("DB::Exception: Logical error", 49), "unknown"),
+    ],
+)
+def test_what_an_insert_error_says_about_the_rows(error: Exception, kind: str) -> None:
+    assert refusal(error) == kind
 
 
 def test_kill_9_sink_repeatedly_while_events_flow(
