@@ -94,7 +94,11 @@ class StepPublisher:
         def without_record(index: int, error: Exception) -> None:
             letter = decode(dead.values[index])
             letter["reason"] += f" (record dropped, too large: {error})"
-            stubs.append((DEAD_LETTER_KEY, encode({**letter, "record": None})))
+            # The event_id stays, to find the raw record (by the source) and tell whom it was.
+            event_id = (letter.get("record") or {}).get("event_id")
+            stubs.append(
+                (DEAD_LETTER_KEY, encode({**letter, "record": None, "event_id": event_id}))
+            )
 
         await self.publish(
             self.dead_letter, [(DEAD_LETTER_KEY, value) for value in dead.values], without_record
