@@ -24,6 +24,7 @@ from ingest.topics import ensure_topics, topic
 
 RAW, ENRICHED, DEAD = topic("raw"), topic("enriched"), topic("dead_letter")
 IP = "198.51.100.23"
+TABLES_DIR = "processor-tables"  # under MILLIMETRIC_DATA_DIR, as the README says
 
 
 def raw_event(anonymous_id: str, **fields: Any) -> dict[str, Any]:
@@ -106,13 +107,19 @@ class Processor:
 
     def __init__(self, root: Path, **env: str) -> None:
         self.root, self.env = root, env
-        self.broker = EmbeddedBroker().start()
-        asyncio.run(ensure_topics(self.broker.bootstrap))  # as the table says, before any write
-        self.proc = self.start()
+        self.broker, self.proc = self.start()
 
-    def start(self) -> Proc:
-        env = stage_env(self.broker.bootstrap, self.root, **self.env)
-        return stage("processor", env, self.root).start()
+    def start(self) -> tuple[EmbeddedBroker, Proc]:
+        broker = EmbeddedBroker().start()
+        asyncio.run(ensure_topics(broker.bootstrap))  # as the table says, before any write
+        env = stage_env(broker.bootstrap, self.root, **self.env)
+        return broker, stage("processor", env, self.root).start()
+
+    def restart_on_a_fresh_broker(self) -> None:
+        """Stop both; start the processor again, on the same data dir, with a broker that has
+        none of the changelogs (as `dev`'s in-memory broker after a restart)."""
+        self.stop()
+        self.broker, self.proc = self.start()
 
     def stop(self) -> None:
         self.proc.stop()
@@ -263,3 +270,29 @@ async def produce_to(bootstrap: str, role: str, record_key: bytes, value: bytes)
         await producer.send_and_wait(topic(role).name, value, key=record_key)
     finally:
         await producer.stop()
+
+
+@pytest.mark.parametrize(("store", "remembered"), [("rocksdb", "rita"), ("memory", "")])
+def test_tables_survive_a_restart_without_their_changelog(
+    tmp_path: Path, store: str, remembered: str
+) -> None:
+    """RocksDB (the default) keeps the tables in files under the data dir: a restarted worker has
+    them with no changelog to replay. The memory store, still there for tests, has nothing."""
+    p = Processor(tmp_path, MILLIMETRIC_PROCESSOR_TABLE_STORE=store)
+    try:
+        identify = raw_event("r1", type="identify", event="$identify", user_id="rita")
+        p.run(produce(p.broker.bootstrap, "r1", [encode(identify)]))
+        p.run(
+            wait_for(p.broker.bootstrap, ENRICHED.name, lambda rs: identify["event_id"] in ids(rs))
+        )
+        p.restart_on_a_fresh_broker()
+        stores = list((tmp_path / TABLES_DIR).glob("**/identities-*.db"))
+        assert len(stores) == (RAW.partitions if store == "rocksdb" else 0)
+        later = raw_event("r1")
+        p.run(produce(p.broker.bootstrap, "r1", [encode(later)]))
+        enriched = p.run(
+            wait_for(p.broker.bootstrap, ENRICHED.name, lambda rs: later["event_id"] in ids(rs))
+        )
+        assert [r["user_id"] for r in enriched] == [remembered]
+    finally:
+        p.stop()
