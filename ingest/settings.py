@@ -125,8 +125,8 @@ class Settings(BaseSettings):
     )
     processor_max_devices_per_user: int = Field(
         500,
-        description="anonymous_ids the processor links to one user (Mixpanel's ID-merge cap "
-        "is 500 too); an identify past it is logged, counted in "
+        description="anonymous_ids the processor links to one user (Mixpanel's Original ID "
+        "Merge caps a user at 500 too); an identify past it is logged, counted in "
         "`millimetric_processor_devices_over_cap_total` and unlinked, so a forget of the user "
         "still finds every device the processor stitches.",
     )

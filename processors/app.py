@@ -50,12 +50,13 @@ STEP_BATCH_BYTES = 512 * 1024
 # Under MILLIMETRIC_DATA_DIR: the RocksDB files of the processor's tables.
 TABLES_DIR = "processor-tables"
 # Per table partition (12 per table): small memtables and block cache, so 24 databases stay
-# well inside the processor's memory budget (RocksDB's defaults are 64 MiB and 2 GiB each).
+# inside the processor's memory budget even when full, 24 x 6 MiB (RocksDB's defaults are
+# 3 x 64 MiB and 2 GiB each); identity records are ~50 bytes, 1 MiB holds ~10k of them.
 ROCKSDB_OPTIONS: dict[str, Any] = {
     "driver": "rocksdict",
-    "write_buffer_size": 4 * 1024 * 1024,
+    "write_buffer_size": 1024 * 1024,
     "max_write_buffer_number": 2,
-    "block_cache_size": 8 * 1024 * 1024,
+    "block_cache_size": 4 * 1024 * 1024,
 }
 
 BYTES: dict[str, Any] = {
