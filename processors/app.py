@@ -23,11 +23,13 @@ from __future__ import annotations
 import logging
 import tempfile
 import tomllib
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import faust
+import faust.streams as faust_streams
 from aiokafka import AIOKafkaProducer
 
 from ingest.metrics import DEAD_LETTERS, DEVICES_OVER_CAP
@@ -85,6 +87,15 @@ def identity_link(identify: dict[str, Any]) -> IdentityLink:
         "anonymous_id": identify["anonymous_id"],
         "user_id": identify["user_id"],
     }
+
+
+def point_tables_at(event: Any) -> None:
+    """Make `event` the one Faust's tables see: its partition picks the store and changelog
+    partition of a key. Only the context variable the tables read: take_events pairs each
+    buffered value with the stream's `current_event` attribute, so setting that one from the
+    agent body (`Stream._set_current_event`) paired events of the next step with this step's,
+    repeating one event and losing another."""
+    faust_streams._current_event.set(weakref.ref(event))
 
 
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
@@ -184,17 +195,16 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         except Exception:  # what failed may be this very derivation: then keep neither
             derived = None
         message = event.message
+        context = record.get("context")
         return dead_letter_value(
             reason,
             error,
             Source(message.topic, message.partition, message.offset),
             redact(record, derived),
-            record.get("context", {}).get("ip"),
+            context.get("ip") if isinstance(context, dict) else None,
         )
 
-    async def handle_step(
-        stream: faust.StreamT[bytes], events: Sequence[Any], publisher: StepPublisher
-    ) -> None:
+    async def handle_step(events: Sequence[Any], publisher: StepPublisher) -> None:
         """Enrich a step's events, publish everything it produced; returns once all is acked."""
         dead = DeadLetters()
         records: list[dict[str, Any] | None] = []
@@ -240,9 +250,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             key = event.key
             try:
                 kind = record["type"]
-                # Tables find the changelog (and store) partition through the current event,
-                # which take_events does not set per item.
-                stream._set_current_event(event)
+                point_tables_at(event)
                 if kind in ("forget", "unlink"):
                     identities.pop(key, None)
                     continue
@@ -250,12 +258,12 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                     identities[key] = record["user_id"].encode()
                 known = identities.get(key) if record["user_id"] is None else None
                 enriched_event = enricher.enrich(record, known.decode() if known else None)  # type: ignore[arg-type]
+                if enriched_event["is_bot"] and settings.drop_bots:
+                    continue
+                out.append((key, encode(enriched_event)))
             except Exception as error:  # one bad record must not stop the partition
                 dead.add("enrich_failed", letter("enrich_failed", error, event, record))
                 continue
-            if enriched_event["is_bot"] and settings.drop_bots:
-                continue
-            out.append((key, encode(enriched_event)))
             sources.append(index)
 
         def too_large(at: int, error: Exception) -> None:
@@ -290,7 +298,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                 settings.processor_batch_size, within=settings.processor_batch_seconds
             ):
                 # take_events acks the step after this body: only once every record is acked.
-                await handle_step(stream, events, publisher)
+                await handle_step(events, publisher)
         finally:
             await producer.stop()
 

@@ -36,8 +36,10 @@ class Source:
 
 
 def redact(record: dict[str, Any], derived: dict[str, str] | None) -> dict[str, Any]:
-    """`record` without its client IP; `derived` (ip_hash, country) takes the IP's place."""
-    context = {k: v for k, v in record.get("context", {}).items() if k != "ip"}
+    """`record` without its client IP; `derived` (ip_hash, country) takes the IP's place. A
+    context that is not an object is dropped whole (it could be the IP itself)."""
+    original = record.get("context")
+    context = {k: v for k, v in original.items() if k != "ip"} if isinstance(original, dict) else {}
     if derived is not None:
         context.update(derived)
     return {**record, "context": context}
