@@ -13,6 +13,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from ingest.dev import EmbeddedBroker, free_port
+from ingest.metrics import RETRIES
 from ingest.partitioner import kafka_partitioner, murmur2, partition_for
 from ingest.records import decode, encode
 from processors.batch_publisher import BatchPublisher
@@ -153,6 +154,7 @@ async def _publish_across_outage(broker: EmbeddedBroker, link: CuttableLink) -> 
         await publisher.publish(publisher.enriched, records, lambda i, e: None)
         await publisher.publish_dead_letters(dead)
 
+    retries = RETRIES.labels("processor publish")._value.get()
     try:
         link.cut()
         publishing = asyncio.create_task(step())
@@ -160,6 +162,7 @@ async def _publish_across_outage(broker: EmbeddedBroker, link: CuttableLink) -> 
         assert not publishing.done()  # still holding the step: nothing acked, nothing dropped
         link.restore()
         await asyncio.wait_for(publishing, 90)
+        assert RETRIES.labels("processor publish")._value.get() > retries  # the shared policy
     finally:
         await producer.stop()
     got = await _read_all(broker.bootstrap, topics["enriched"], len(records))
