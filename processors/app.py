@@ -292,7 +292,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             partitioner=kafka_partitioner,
         )
         await producer.start()
-        publisher = StepPublisher(producer, enriched.name, links.name, dead.name)
+        publisher = StepPublisher(
+            producer, settings.processor_max_record_bytes, enriched.name, links.name, dead.name
+        )
         try:
             async for events in stream.take_events(
                 settings.processor_batch_size, within=settings.processor_batch_seconds

@@ -52,9 +52,9 @@ class StepPublisher:
     """Publishes a step's identity links, enriched records and dead letters on one producer."""
 
     def __init__(
-        self, producer: AIOKafkaProducer, enriched: str, links: str, dead_letter: str
+        self, producer: AIOKafkaProducer, limit: int, enriched: str, links: str, dead_letter: str
     ) -> None:
-        limit = producer._max_request_size
+        """`limit`: the producer's `max_request_size` (the largest record to send)."""
         self.enriched = BatchPublisher(producer, enriched, limit)
         self.links = BatchPublisher(producer, links, limit)
         self.dead_letter = BatchPublisher(producer, dead_letter, limit)

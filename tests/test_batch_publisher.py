@@ -144,7 +144,7 @@ async def _publish_across_outage(broker: EmbeddedBroker, link: CuttableLink) -> 
         request_timeout_ms=1_000, retry_backoff_ms=100,
     )  # fmt: skip
     await producer.start()
-    publisher = StepPublisher(producer, topics["enriched"], topics["links"], topics["dead"])
+    publisher = StepPublisher(producer, 1_048_576, *topics.values())
     dead = DeadLetters()
     for letter in letters:
         dead.add("undecodable", letter)
