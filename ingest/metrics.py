@@ -24,7 +24,12 @@ DEAD_LETTERS = Counter(
     ["stage", "reason"],
 )
 
-METRICS: tuple[Counter, ...] = (RETRIES, GAVE_UP, DEAD_LETTERS)
+DEVICES_OVER_CAP = Counter(
+    "millimetric_processor_devices_over_cap",
+    "Identifies past MILLIMETRIC_PROCESSOR_MAX_DEVICES_PER_USER: the device was unlinked.",
+)
+
+METRICS: tuple[Counter, ...] = (RETRIES, GAVE_UP, DEAD_LETTERS, DEVICES_OVER_CAP)
 
 
 def markdown_table() -> str:

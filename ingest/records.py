@@ -21,6 +21,7 @@ class Context(TypedDict, total=False):
     ip: str
     user_agent: str
     country: str  # from a trusted edge header, when configured
+    ip_hash: str  # only in dead letters, which carry it (and country) in place of `ip`
 
 
 class RawEvent(TypedDict):
@@ -102,10 +103,11 @@ class IdentityLink(TypedDict):
 
 class ForgetControl(TypedDict):
     """Put on the raw topic by the processor, in order with one visitor's events, so the agent
-    that owns that visitor's state drops it."""
+    that owns that visitor's state drops it: a forget, or an `unlink` of a device past the
+    devices-per-user cap (forget_id "")."""
 
     v: int
-    type: Literal["forget"]
+    type: Literal["forget", "unlink"]
     project: str
     anonymous_id: str
     forget_id: str

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -124,6 +125,25 @@ class Settings(BaseSettings):
         "changelogs, 512 KiB for enriched records); 1 makes every changelog batch one record, "
         "which table recovery needs on brokers with inexact end offsets (Tansu). Costs "
         "throughput: for tests.",
+    )
+    processor_table_store: Literal["rocksdb", "memory"] = Field(
+        "rocksdb",
+        description="Where the processor keeps its tables (identities, devices per user): "
+        "`rocksdb` (RocksDB through rocksdict, files in `<data_dir>/processor-tables`, one data "
+        "dir per worker; a restart reads only the changelog written since) or `memory` "
+        "(rebuilt from the changelogs at every start; for tests).",
+    )
+    processor_max_devices_per_user: int = Field(
+        500,
+        description="anonymous_ids the processor links to one user (Mixpanel's Original ID "
+        "Merge caps a user at 500 too); an identify past it is logged, counted in "
+        "`millimetric_processor_devices_over_cap_total` and unlinked, so a forget of the user "
+        "still finds every device the processor stitches.",
+    )
+    processor_max_record_bytes: int = Field(
+        1_048_576,
+        description="Largest record the processor sends (at most the broker's "
+        "`message.max.bytes`): a larger enriched record is dead-lettered, not retried.",
     )
     sink_batch_rows: int = Field(20_000, description="Rows per ClickHouse insert, at most.")
     sink_batch_seconds: float = Field(1.0, description="Longest a row waits in the sink's batch.")

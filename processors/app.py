@@ -1,46 +1,65 @@
 """The processor: a Faust worker that enriches raw events, stitches identities, handles forgets.
 
 The raw agent takes events in steps (`stream.take_events`): per event there is only the pure
-enrichment, and the step's enriched records go out as one Kafka batch per partition
-(BatchPublisher). Faust acks a step only after its body returned, which is after the broker acked
-every enriched record, so an event's offset is never committed before its enriched record is on
-the broker (at-least-once; the sink deduplicates). Records that cannot be handled go to the
-dead-letter topic.
+enrichment, and the step's identity links, enriched records and dead letters go out on the
+agent's own producer as Kafka batches (StepPublisher). Faust acks a step once its body returned
+(or raised), so the body returns only after the broker acked every record of the step, retrying
+what heals and dead-lettering what cannot: an event's offset is never committed before its
+enriched record or its dead letter is on the broker (at-least-once; the sink deduplicates).
+Dead letters carry no client IP (processors/dead_letters.py).
 
 State lives in changelog-backed Faust tables, each co-partitioned with the topic its agent reads:
 - `identities` (raw topic's key `project:anonymous_id` -> user_id): fills user_id in later events;
 - `user_devices` (`project:user_id` -> anonymous_ids), fed through the identities topic, which
   re-keys links by user: the forget agent reads the forgets topic, keyed the same way.
 A forget fans out as control records on the raw topic, one per anonymous_id, so the agent that
-owns each visitor's state drops it (a tombstone on the changelog) in order with their events.
+owns each visitor's state drops it (a tombstone on the changelog) in order with their events;
+an identify past the devices-per-user cap is undone the same way (an `unlink` control).
+Tables live in RocksDB files under `<data_dir>/processor-tables` (or in memory, for tests).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import tempfile
 import tomllib
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import faust
+import faust.streams as faust_streams
 from aiokafka import AIOKafkaProducer
 
+from ingest.metrics import DEAD_LETTERS, DEVICES_OVER_CAP
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.settings import Settings
 from ingest.topics import require
-from processors.batch_publisher import BatchPublisher
 from processors.classify import Classifier
+from processors.dead_letters import Source, dead_letter_value, redact
 from processors.enrich import Enricher
 from processors.geo import CountryLookup
+from processors.step import DeadLetters, StepPublisher
 from processors.useragent import UserAgentParser
 
 log = logging.getLogger(__name__)
 
 # Enriched records per producer batch: a 1,000-event step fills about one per partition.
 STEP_BATCH_BYTES = 512 * 1024
+
+# Under MILLIMETRIC_DATA_DIR: the RocksDB files of the processor's tables.
+TABLES_DIR = "processor-tables"
+# Per table partition (12 per table): small memtables and block cache, so 24 databases stay
+# inside the processor's memory budget even when full, 24 x 6 MiB (RocksDB's defaults are
+# 3 x 64 MiB and 2 GiB each); identity records are ~50 bytes, 1 MiB holds ~10k of them.
+ROCKSDB_OPTIONS: dict[str, Any] = {
+    "driver": "rocksdict",
+    "write_buffer_size": 1024 * 1024,
+    "max_write_buffer_number": 2,
+    "block_cache_size": 4 * 1024 * 1024,
+}
 
 BYTES: dict[str, Any] = {
     "key_type": bytes,
@@ -70,25 +89,13 @@ def identity_link(identify: dict[str, Any]) -> IdentityLink:
     }
 
 
-async def publish_until_acked(
-    publisher: BatchPublisher, records: list[tuple[bytes, bytes]]
-) -> None:
-    """Publish a step, retrying with capped backoff while the broker fails it (after the
-    producer's own retries): the step stays unacked meanwhile, so its offsets stay uncommitted,
-    and records already delivered by a failed attempt are repeated (the sink deduplicates).
-
-    Any error is retried, not raised: Faust's `take_events` acks a step's events when the agent
-    body leaves by an exception too, which would commit records that were never published."""
-    delay = 0.5
-    while True:
-        try:
-            await publisher.publish(records)
-            return
-        except Exception as error:
-            log.warning("publishing %d records failed (%r); retrying in %.1fs", len(records),
-                        error, delay)  # fmt: skip
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+def point_tables_at(event: Any) -> None:
+    """Make `event` the one Faust's tables see: its partition picks the store and changelog
+    partition of a key. Only the context variable the tables read: take_events pairs each
+    buffered value with the stream's `current_event` attribute, so setting that one from the
+    agent body (`Stream._set_current_event`) paired events of the next step with this step's,
+    repeating one event and losing another."""
+    faust_streams._current_event.set(weakref.ref(event))
 
 
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
@@ -99,14 +106,20 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     extra: dict[str, Any] = {}
     if settings.processor_producer_max_batch_size is not None:
         extra["producer_max_batch_size"] = settings.processor_producer_max_batch_size
+    persistent = settings.processor_table_store == "rocksdb"
     app = faust.App(
         "millimetric-processor",
         broker=f"kafka://{bootstrap}",
-        store="memory://",
+        store="rocksdb://" if persistent else "memory://",
+        # The local store may be ahead of a broker that lost its topics (`dev`'s in-memory
+        # broker after a restart): keep the local tables rather than refuse to start.
+        recovery_consistency_check=not persistent,
         web_enabled=settings.processor_port is not None,
         web_port=settings.processor_port or 6066,
         web_bind="127.0.0.1",
-        datadir=tempfile.mkdtemp(prefix="millimetric-processor-"),
+        datadir=str(settings.data_dir.resolve() / TABLES_DIR)
+        if persistent
+        else tempfile.mkdtemp(prefix="millimetric-processor-"),
         topic_partitions=raw.partitions,
         topic_replication_factor=settings.kafka_replication_factor,
         consumer_auto_offset_reset="earliest",
@@ -133,8 +146,15 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         "value_type": bytes,
         "schema": faust.Schema(**BYTES),
     }
-    identities = app.Table("identities", partitions=raw.partitions, **table)
-    user_devices = app.Table("user-devices", partitions=links.partitions, **table)
+
+    def options() -> dict[str, Any] | None:
+        # Faust pops from a table's options: a copy each.
+        return dict(ROCKSDB_OPTIONS) if persistent else None
+
+    identities = app.Table("identities", partitions=raw.partitions, options=options(), **table)
+    user_devices = app.Table(
+        "user-devices", partitions=links.partitions, options=options(), **table
+    )
     countries = CountryLookup(settings.geoip_path)
     log.warning("geo: %s", countries.description)
 
@@ -155,74 +175,161 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     )
 
     async def dead_letter(value: bytes, error: Exception) -> None:
+        # A forget request carries no IP: kept whole.
+        DEAD_LETTERS.labels("processor", "forget_failed").inc()
         await dead_topic.send(
             key=b"processor",
             value=encode(
                 {
                     "stage": "processor",
-                    "reason": f"processor: {type(error).__name__}: {error}",
+                    "reason": f"forget_failed: {type(error).__name__}: {error}",
                     "record": value.decode("utf-8", "replace"),
                 }
             ),
         )
 
+    def letter(reason: str, error: Exception, event: Any, record: dict[str, Any]) -> bytes:
+        """A dead letter for a decoded raw record, its IP replaced by what enrichment derives."""
+        try:
+            derived: dict[str, str] | None = dict(enricher.ip_derived(record))  # type: ignore[arg-type]
+        except Exception:  # what failed may be this very derivation: then keep neither
+            derived = None
+        message = event.message
+        context = record.get("context")
+        return dead_letter_value(
+            reason,
+            error,
+            Source(message.topic, message.partition, message.offset),
+            redact(record, derived),
+            context.get("ip") if isinstance(context, dict) else None,
+        )
+
+    async def handle_step(events: Sequence[Any], publisher: StepPublisher) -> None:
+        """Enrich a step's events, publish everything it produced; returns once all is acked."""
+        dead = DeadLetters()
+        records: list[dict[str, Any] | None] = []
+        for event in events:
+            try:
+                record = decode(event.value)
+                if not isinstance(record, dict):
+                    raise TypeError(f"a JSON {type(record).__name__}, not an object")
+            except Exception as error:
+                message = event.message
+                source = Source(message.topic, message.partition, message.offset)
+                dead.add("undecodable", dead_letter_value("undecodable", error, source, None, None))
+                record = None
+            records.append(record)
+
+        # Links first: the identities table takes a link only once the links topic holds it,
+        # so the table never knows a device that a forget of its user would not find.
+        links: list[tuple[bytes, bytes]] = []
+        linked: list[int] = []
+        for index, record in enumerate(records):
+            if record is not None and record.get("type") == "identify":
+                try:
+                    link = encode(identity_link(record))
+                except Exception as error:
+                    dead.add("enrich_failed", letter("enrich_failed", error, events[index], record))
+                    records[index] = None
+                    continue
+                links.append((f"{record['project']}:{record['user_id']}".encode(), link))
+                linked.append(index)
+
+        def link_refused(at: int, error: Exception) -> None:
+            index = linked[at]
+            dead.add("link_refused", letter("link_refused", error, events[index], records[index]))  # type: ignore[arg-type]
+            records[index] = None
+
+        await publisher.publish(publisher.links, links, link_refused)
+
+        out: list[tuple[bytes, bytes]] = []
+        sources: list[int] = []
+        for index, (event, record) in enumerate(zip(events, records, strict=True)):
+            if record is None:
+                continue
+            key = event.key
+            try:
+                kind = record["type"]
+                point_tables_at(event)
+                if kind in ("forget", "unlink"):
+                    identities.pop(key, None)
+                    continue
+                if kind == "identify":
+                    identities[key] = record["user_id"].encode()
+                known = identities.get(key) if record["user_id"] is None else None
+                enriched_event = enricher.enrich(record, known.decode() if known else None)  # type: ignore[arg-type]
+                if enriched_event["is_bot"] and settings.drop_bots:
+                    continue
+                out.append((key, encode(enriched_event)))
+            except Exception as error:  # one bad record must not stop the partition
+                dead.add("enrich_failed", letter("enrich_failed", error, event, record))
+                continue
+            sources.append(index)
+
+        def too_large(at: int, error: Exception) -> None:
+            index = sources[at]
+            dead.add(
+                "record_too_large", letter("record_too_large", error, events[index], records[index])
+            )  # type: ignore[arg-type]
+
+        await publisher.publish(publisher.enriched, out, too_large)
+        await publisher.publish_dead_letters(dead)
+
     @app.agent(raw_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
-        # A producer of its own, so a step's records go out as whole batches (BatchPublisher).
+        # A producer of its own, so a step's records go out as whole batches (BatchPublisher)
+        # and every send of the step is awaited before take_events acks it.
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
             enable_idempotence=settings.kafka_idempotence,
             linger_ms=settings.kafka_linger_ms,
             compression_type=settings.kafka_compression,
-            max_batch_size=settings.processor_producer_max_batch_size or STEP_BATCH_BYTES,
+            # A batch is one message to the broker's size limit, as a record is.
+            max_batch_size=settings.processor_producer_max_batch_size
+            or min(STEP_BATCH_BYTES, settings.processor_max_record_bytes),
+            max_request_size=settings.processor_max_record_bytes,
             partitioner=kafka_partitioner,
         )
         await producer.start()
-        publisher = BatchPublisher(producer, enriched.name)
+        publisher = StepPublisher(
+            producer, settings.processor_max_record_bytes, enriched.name, links.name, dead.name
+        )
         try:
             async for events in stream.take_events(
                 settings.processor_batch_size, within=settings.processor_batch_seconds
             ):
-                out: list[tuple[bytes, bytes]] = []
-                for event in events:
-                    key, value = event.key, event.value
-                    try:
-                        record = decode(value)
-                        kind = record["type"]
-                        if kind == "forget":
-                            # Tables pick the changelog partition from the current event,
-                            # which take_events does not set per item.
-                            stream._set_current_event(event)
-                            identities.pop(key, None)
-                            continue
-                        if kind == "identify":
-                            stream._set_current_event(event)
-                            identities[key] = record["user_id"].encode()
-                            await links_topic.send(
-                                key=f"{record['project']}:{record['user_id']}".encode(),
-                                value=encode(identity_link(record)),
-                            )
-                        known = identities.get(key) if record["user_id"] is None else None
-                        enriched_event = enricher.enrich(record, known.decode() if known else None)
-                    except Exception as error:  # one bad record must not stop the partition
-                        await dead_letter(value, error)
-                        continue
-                    if enriched_event["is_bot"] and settings.drop_bots:
-                        continue
-                    out.append((key, encode(enriched_event)))
                 # take_events acks the step after this body: only once every record is acked.
-                await publish_until_acked(publisher, out)
+                await handle_step(events, publisher)
         finally:
             await producer.stop()
 
     @app.agent(links_topic)
     async def remember_devices(stream: faust.StreamT[bytes]) -> None:
+        cap = settings.processor_max_devices_per_user
         async for event in stream.events():
             link: IdentityLink = decode(event.value)
+            project, anonymous_id = link["project"], link["anonymous_id"]
             devices = set(decode(user_devices.get(event.key) or b"[]"))
-            if link["anonymous_id"] not in devices:
-                user_devices[event.key] = encode(sorted(devices | {link["anonymous_id"]}))
+            if anonymous_id in devices:
+                continue
+            if len(devices) < cap:
+                user_devices[event.key] = encode(sorted(devices | {anonymous_id}))
+                continue
+            # Past the cap the device is unlinked (its identities entry dropped, in order with
+            # its events), so the processor never stitches a device a forget would not find.
+            DEVICES_OVER_CAP.inc()
+            log.warning(
+                "a user of project %s has %d devices (the cap): unlinking one", project, cap
+            )
+            unlink: ForgetControl = {
+                "v": 1,
+                "type": "unlink",
+                "project": project,
+                "anonymous_id": anonymous_id,
+                "forget_id": "",
+            }
+            await raw_topic.send(key=f"{project}:{anonymous_id}".encode(), value=encode(unlink))
 
     @app.agent(forgets_topic)
     async def forget(stream: faust.StreamT[bytes]) -> None:

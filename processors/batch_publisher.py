@@ -9,28 +9,40 @@ from `ingest.partitioner` (Kafka's murmur2), so a key lands where `send` would h
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
 from ingest.partitioner import partition_for
+
+# Refusals a record carries with it: sending the same record again can never succeed.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (MessageSizeTooLargeError, RecordListTooLargeError)
+# Bytes a record adds to its key and value in a batch (header varints, attributes), at most.
+RECORD_OVERHEAD = 64
 
 
 class BatchPublisher:
     """Sends keyed records to one topic in per-partition batches and waits for every ack."""
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+    def __init__(self, producer: AIOKafkaProducer, topic: str, max_record_bytes: int) -> None:
         self._producer = producer
         self._topic = topic
+        self._max_record_bytes = max_record_bytes
 
-    async def publish(self, records: Iterable[tuple[bytes, bytes]]) -> None:
+    async def publish(self, records: Sequence[tuple[bytes, bytes]]) -> None:
         """Publish `records` in order per partition; return once the broker acked them all.
 
         Raises what the producer raises, so a caller that has not returned has not had its
-        records acknowledged.
+        records acknowledged; a record over `max_record_bytes` (the producer's
+        `max_request_size`, which `send` checks but `send_batch` does not) raises
+        MessageSizeTooLargeError before any record is sent.
         """
-        producer, topic = self._producer, self._topic
+        producer, topic, limit = self._producer, self._topic, self._max_record_bytes
+        for key, value in records:
+            if len(key) + len(value) + RECORD_OVERHEAD > limit:
+                raise MessageSizeTooLargeError(f"a {len(value)}-byte record for {topic}")
         # The topic as the cluster has it (cached metadata), as `send` would partition.
         partitions = len(await producer.partitions_for(topic))
         builders: dict[int, Any] = {}

@@ -11,7 +11,7 @@ import hmac
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 
@@ -23,6 +23,13 @@ from processors.useragent import UserAgentParser
 # Fixed namespace so fabricated ids are stable across processes and replays.
 ANONYMOUS_NAMESPACE = uuid.UUID("6f1d0c1e-6c5b-4c8e-9a51-3b0f3d5a2e10")
 DAY_MS = 86_400_000
+
+
+class IpDerived(TypedDict):
+    """The enriched fields that come from the client IP."""
+
+    ip_hash: str
+    country: str
 
 
 class DailyIpHasher:
@@ -73,11 +80,10 @@ class Enricher:
         )
         ts = raw["timestamp"]
         ctx = raw["context"]
-        ip = ctx.get("ip")
         classifier = self._project_classifiers.get(project, self._classifier)
         source = classifier.classify(raw["url"], raw["referrer"])
         device = self._user_agents.parse(ctx.get("user_agent"))
-        country = country_from_edge_header(ctx.get("country")) or self._countries.country(ip)
+        derived = self.ip_derived(raw)
         # An identify's properties are its traits (the identities table keeps the latest).
         properties: dict[str, Any] = (
             raw.get("traits", {}) if raw["type"] == "identify" else raw["properties"]
@@ -106,10 +112,25 @@ class Enricher:
             "click_id": source.click_id,
             "click_id_network": source.click_id_network,
             "classifier_version": CLASSIFIER_VERSION,
-            "country": country,
+            "country": derived["country"],
             "device_type": device.device_type,
             "browser": device.browser,
             "os": device.os,
             "is_bot": device.is_bot,
+            "ip_hash": derived["ip_hash"],
+        }
+
+    def ip_derived(self, raw: RawEvent) -> IpDerived:
+        """What enrichment takes from the client IP: its day's hash and the country. A redacted
+        context (a dead letter's) carries these instead of the IP and gives them back as-is."""
+        ctx = raw["context"]
+        ip = ctx.get("ip")
+        if not ip and "ip_hash" in ctx:
+            return {
+                "ip_hash": ctx["ip_hash"],
+                "country": country_from_edge_header(ctx.get("country")),
+            }
+        return {
             "ip_hash": self._ips.hash(ip, raw["received_at"]),
+            "country": country_from_edge_header(ctx.get("country")) or self._countries.country(ip),
         }

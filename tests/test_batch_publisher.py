@@ -13,9 +13,11 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from ingest.dev import EmbeddedBroker, free_port
+from ingest.metrics import RETRIES
 from ingest.partitioner import kafka_partitioner, murmur2, partition_for
-from processors.app import publish_until_acked
+from ingest.records import decode, encode
 from processors.batch_publisher import BatchPublisher
+from processors.step import DeadLetters, StepPublisher
 
 
 def test_murmur2_is_kafkas() -> None:
@@ -53,7 +55,7 @@ async def _publish_and_read(bootstrap: str, max_batch_size: int) -> None:
     )  # fmt: skip
     await producer.start()
     try:
-        await BatchPublisher(producer, topic).publish(records)
+        await BatchPublisher(producer, topic, 1_048_576).publish(records)
     finally:
         await producer.stop()
 
@@ -126,12 +128,15 @@ class CuttableLink:
 
 
 async def _publish_across_outage(broker: EmbeddedBroker, link: CuttableLink) -> None:
+    """A step of forwarded records and dead letters, published while the link is down."""
     await link.start()
-    topic, records = "outage", [(f"k{i}".encode(), f"v{i}".encode()) for i in range(200)]
+    topics = {"enriched": "outage", "links": "outage-links", "dead": "outage-dead"}
+    records = [(f"k{i}".encode(), f"v{i}".encode()) for i in range(200)]
+    letters = [encode({"stage": "processor", "reason": f"poison {i}"}) for i in range(20)]
     admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, 4, 1)])
+        await admin.create_topics([NewTopic(name, 4, 1) for name in topics.values()])
     finally:
         await admin.close()
     producer = AIOKafkaProducer(
@@ -139,31 +144,52 @@ async def _publish_across_outage(broker: EmbeddedBroker, link: CuttableLink) -> 
         request_timeout_ms=1_000, retry_backoff_ms=100,
     )  # fmt: skip
     await producer.start()
+    publisher = StepPublisher(producer, 1_048_576, *topics.values())
+    dead = DeadLetters()
+    for letter in letters:
+        dead.add("undecodable", letter)
+
+    async def step() -> None:
+        # What the raw agent does after enriching a step; take_events acks once it returns.
+        await publisher.publish(publisher.enriched, records, lambda i, e: None)
+        await publisher.publish_dead_letters(dead)
+
+    retries = RETRIES.labels("processor publish")._value.get()
     try:
         link.cut()
-        step = asyncio.create_task(publish_until_acked(BatchPublisher(producer, topic), records))
+        publishing = asyncio.create_task(step())
         await asyncio.sleep(4)  # several failed attempts (1 s request timeout each)
-        assert not step.done()  # still holding the step: nothing acked, nothing dropped
+        assert not publishing.done()  # still holding the step: nothing acked, nothing dropped
         link.restore()
-        await asyncio.wait_for(step, 60)
+        await asyncio.wait_for(publishing, 90)
+        assert RETRIES.labels("processor publish")._value.get() > retries  # the shared policy
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest")
+    got = await _read_all(broker.bootstrap, topics["enriched"], len(records))
+    assert set(got) == set(records)  # every record, repeats allowed (the sink deduplicates)
+    dead_got = await _read_all(broker.bootstrap, topics["dead"], len(letters))
+    assert {decode(v)["reason"] for _, v in dead_got} == {f"poison {i}" for i in range(20)}
+    await link.close()
+
+
+async def _read_all(bootstrap: str, topic: str, count: int) -> list[tuple[bytes, bytes]]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     await consumer.start()
     consumer.assign([TopicPartition(topic, p) for p in range(4)])
-    got: set[tuple[bytes, bytes]] = set()
+    got: list[tuple[bytes, bytes]] = []
     try:
         async with asyncio.timeout(30):
-            while len(got) < len(records):
+            while len(set(got)) < count:
                 for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    got |= {(m.key, m.value) for m in messages}
+                    got += [(m.key, m.value) for m in messages]
     finally:
         await consumer.stop()
-        await link.close()
-    assert got == set(records)  # every record, repeats allowed (the sink deduplicates)
+    return got
 
 
 def test_a_step_published_during_an_outage_lands_when_the_broker_is_back() -> None:
+    """Forwarded records and dead letters alike: the step is held (never acked) through the
+    outage, however long, and everything lands once the broker is reachable again."""
     broker_port, link_port = free_port(), free_port()
     broker = EmbeddedBroker(broker_port, advertised_port=link_port).start()
     try:
