@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests start for real: ClickHouse server 18.16, Redis; wrk for benchmarks.
+# Debian packages the tests start for real: ClickHouse server 18.16, Redis, ZooKeeper (the
+# replicated ClickHouse cluster); wrk for benchmarks.
 need=()
 [ -x /usr/sbin/clickhouse-server ] || need+=(clickhouse-server)
+[ -x /usr/share/zookeeper/bin/zkServer.sh ] || need+=(zookeeper)
 command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
