@@ -221,11 +221,15 @@ async def _connect(settings: Settings, attempts: int = 60) -> ClickHouse:
     """Connect, waiting while the server is down or another process briefly holds the store."""
     for _ in range(attempts - 1):
         try:
-            return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+            return await asyncio.to_thread(
+                connect, settings.clickhouse_url, settings.data_dir, settings.clickhouse_cluster
+            )
         except Exception as error:
             log.warning("ClickHouse not available yet (%s); retrying", error)
             await asyncio.sleep(1)
-    return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+    return await asyncio.to_thread(
+        connect, settings.clickhouse_url, settings.data_dir, settings.clickhouse_cluster
+    )
 
 
 async def serve(settings: Settings, bootstrap: str) -> None:
