@@ -13,10 +13,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -36,6 +38,7 @@ CLICKHOUSE_CONFIG = """<?xml version="1.0"?>
   <users_config>users.xml</users_config><default_profile>default</default_profile>
   <default_database>default</default_database><timezone>UTC</timezone>
   <mark_cache_size>104857600</mark_cache_size><mlock_executable>false</mlock_executable>
+  {extra}
 </yandex>
 """
 CLICKHOUSE_USERS = """<?xml version="1.0"?>
@@ -50,26 +53,23 @@ CLICKHOUSE_USERS = """<?xml version="1.0"?>
 """
 
 
-class ClickHouseServer:
-    """Debian's clickhouse-server (18.16) with its own config and data dir."""
+class LocalServer(ABC):
+    """A server process run from its own directory (its log there too), up once its port
+    accepts connections; subclasses say what to run."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.root, self.tcp = root, free_port()
-        (root / "config.xml").write_text(
-            CLICKHOUSE_CONFIG.format(tcp=self.tcp, http=free_port(), root=root)
-        )
-        (root / "users.xml").write_text(CLICKHOUSE_USERS)
+        self.root, self.tcp = root, port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def url(self, database: str) -> str:
-        """A clickhouse:// URL for one database on this server."""
-        return f"clickhouse://default:@127.0.0.1:{self.tcp}/{database}"
+    @abstractmethod
+    def argv(self) -> list[str]:
+        """The command line that runs the server."""
 
-    def start(self) -> ClickHouseServer:
-        """Start it and wait for the native port."""
+    def start(self) -> Self:
+        """Start it and wait for its port."""
         self.proc = subprocess.Popen(
-            [str(CLICKHOUSE_SERVER_BIN), f"--config-file={self.root / 'config.xml'}"],
+            self.argv(),
             cwd=self.root,
             stdout=(self.root / "server.log").open("ab"),
             stderr=subprocess.STDOUT,
@@ -83,6 +83,26 @@ class ClickHouseServer:
             self.proc.terminate()
             self.proc.wait(30)
             self.proc = None
+
+
+class ClickHouseServer(LocalServer):
+    """Debian's clickhouse-server (18.16) with its own config and data dir; `extra`: more config
+    elements (a cluster member's, for one)."""
+
+    def __init__(self, root: Path, tcp: int | None = None, extra: str = "") -> None:
+        super().__init__(root, tcp)
+        (root / "config.xml").write_text(
+            CLICKHOUSE_CONFIG.format(tcp=self.tcp, http=free_port(), root=root, extra=extra)
+        )
+        (root / "users.xml").write_text(CLICKHOUSE_USERS)
+
+    def argv(self) -> list[str]:
+        """clickhouse-server with this server's config."""
+        return [str(CLICKHOUSE_SERVER_BIN), f"--config-file={self.root / 'config.xml'}"]
+
+    def url(self, database: str) -> str:
+        """A clickhouse:// URL for one database on this server."""
+        return f"clickhouse://default:@127.0.0.1:{self.tcp}/{database}"
 
 
 def write_geo_db(path: Path) -> Path:

@@ -159,7 +159,7 @@ def _query(settings: Settings, query: str) -> str:
         except OSError:
             pass  # a stale endpoint file: no sink runs, open the store directly
     try:
-        ch = connect(settings.clickhouse_url, settings.data_dir)
+        ch = connect(settings.clickhouse_url, settings.data_dir, settings.clickhouse_cluster)
     except RuntimeError as error:
         sys.exit(
             f"millimetric sql: cannot open the embedded store in {settings.data_dir} "

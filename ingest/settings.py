@@ -43,6 +43,13 @@ class Settings(BaseSettings):
         description="`clickhouse://user:pass@host:9000/db` for a server (clickhouse-driver). "
         "Unset: the embedded chdb store in `<data_dir>/clickhouse`.",
     )
+    clickhouse_cluster: str | None = Field(
+        None,
+        description="A cluster of `remote_servers` in the server's config: the schema becomes "
+        "Replicated tables on every replica (`<table>_local`) under Distributed tables, DDL "
+        "and deletes run `ON CLUSTER`. Needs ZooKeeper/Keeper and the `shard` and `replica` "
+        "macros. Unset: one server.",
+    )
     data_dir: Path = Field(
         Path(".millimetric"),
         description="Where `dev` keeps the embedded "

@@ -244,7 +244,9 @@ async def _connect(settings: Settings) -> ClickHouse:
     """Connect, waiting while the server is down or another process briefly holds the store."""
 
     async def attempt() -> ClickHouse:  # a coroutine function: tenacity awaits only those
-        return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+        return await asyncio.to_thread(
+            connect, settings.clickhouse_url, settings.data_dir, settings.clickhouse_cluster
+        )
 
     return await retrying("clickhouse_connect", attempt, attempts=60, max_delay_s=2.0)
 

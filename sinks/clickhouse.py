@@ -117,9 +117,12 @@ class ClickHouse(Protocol):
 
     features: Features
     description: str
+    database: str
+    cluster: str | None  # the schema is on this cluster (sinks/cluster.py); None: one server
 
     def execute(self, sql: str) -> None: ...
     def query_tsv(self, sql: str) -> str: ...
+    def query_every_replica(self, sql: str) -> list[str]: ...
     def insert_columns(
         self, table: str, columns: Sequence[str], data: Sequence[list[Any]], select: Sequence[str]
     ) -> None: ...
@@ -132,33 +135,67 @@ def _version(text: str) -> tuple[int, int]:
 
 
 class ServerClickHouse:
-    """A ClickHouse server over the native protocol (clickhouse-driver)."""
+    """A ClickHouse server over the native protocol (clickhouse-driver); with `cluster`, one
+    member of that cluster, the database created on all of them."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cluster: str | None = None) -> None:
         from clickhouse_driver import Client
 
+        if cluster is not None and not re.fullmatch(r"\w+", cluster):
+            raise ValueError(f"a cluster name is letters, digits and _ only: {cluster!r}")
         parsed = urlparse(url)
         self.database = parsed.path.lstrip("/") or "default"
+        self.cluster = cluster
         self.description = f"clickhouse://{parsed.hostname}:{parsed.port or 9000}/{self.database}"
+        if cluster:
+            self.description += f" (cluster {cluster})"
+        self._credentials = {
+            "user": unquote(parsed.username or "default"),
+            "password": unquote(parsed.password or ""),
+        }
         bootstrap = Client(
-            host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 9000,
-            user=unquote(parsed.username or "default"),
-            password=unquote(parsed.password or ""),
+            host=parsed.hostname or "127.0.0.1", port=parsed.port or 9000, **self._credentials
         )
-        bootstrap.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        on_cluster = f" ON CLUSTER {cluster}" if cluster else ""
+        bootstrap.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}{on_cluster}")
         bootstrap.disconnect()
-        self._client = Client(
-            host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 9000,
-            user=unquote(parsed.username or "default"),
-            password=unquote(parsed.password or ""),
+        self._client = self._connect(parsed.hostname or "127.0.0.1", parsed.port or 9000)
+        self._lock = threading.Lock()  # the driver's client is not thread-safe
+        self.features = Features(_version(self._client.execute("SELECT version()")[0][0]))
+
+    def _connect(self, host: str, port: int) -> Any:
+        from clickhouse_driver import Client
+
+        # Through a Distributed table, an insert returns once a replica of each shard has it,
+        # not once it is queued on this server: only then may the sink commit its offsets.
+        settings = {"insert_distributed_sync": 1} if self.cluster else {}
+        return Client(
+            host=host,
+            port=port,
             database=self.database,
             send_receive_timeout=60,
             connect_timeout=5,
+            settings=settings,
+            **self._credentials,
         )
-        self._lock = threading.Lock()  # the driver's client is not thread-safe
-        self.features = Features(_version(self._client.execute("SELECT version()")[0][0]))
+
+    def query_every_replica(self, sql: str) -> list[str]:
+        """Run a query on every replica of the cluster (on this server alone without one)."""
+        if self.cluster is None:
+            return [self.query_tsv(sql)]
+        hosts = self.query_tsv(
+            f"SELECT host_address, port FROM system.clusters WHERE cluster = '{self.cluster}'"
+        )
+        outputs = []
+        for line in hosts.splitlines():
+            host, port = line.split("\t")
+            client = self._connect(host, int(port))
+            try:
+                rows = client.execute(sql)
+            finally:
+                client.disconnect()
+            outputs.append("".join("\t".join(_tsv(v) for v in row) + "\n" for row in rows))
+        return outputs
 
     def execute(self, sql: str) -> None:
         """Run a statement."""
@@ -203,6 +240,8 @@ class EmbeddedClickHouse:
 
         path.mkdir(parents=True, exist_ok=True)
         self.description = f"embedded chdb at {path}"
+        self.database = "default"
+        self.cluster: str | None = None
         self._session = session.Session(str(path))
         self._lock = threading.Lock()  # one statement at a time per session
         self.features = Features(_version(self.query_tsv("SELECT version()")))
@@ -216,6 +255,10 @@ class EmbeddedClickHouse:
         """Run a query and return its rows tab-separated, one per line."""
         with self._lock:
             return str(self._session.query(sql, "TabSeparated"))
+
+    def query_every_replica(self, sql: str) -> list[str]:
+        """Run a query here: the embedded engine is its only replica."""
+        return [self.query_tsv(sql)]
 
     def insert_columns(
         self, table: str, columns: Sequence[str], data: Sequence[list[Any]], select: Sequence[str]
@@ -233,8 +276,11 @@ class EmbeddedClickHouse:
         self._session.close()
 
 
-def connect(url: str | None, data_dir: Path) -> ClickHouse:
-    """The configured ClickHouse: a server when `url` is set, else chdb in `data_dir`."""
+def connect(url: str | None, data_dir: Path, cluster: str | None = None) -> ClickHouse:
+    """The configured ClickHouse: a server (a member of `cluster`, if given) when `url` is
+    set, else chdb in `data_dir`."""
     if url:
-        return ServerClickHouse(url)
+        return ServerClickHouse(url, cluster)
+    if cluster:
+        raise ValueError("MILLIMETRIC_CLICKHOUSE_CLUSTER needs MILLIMETRIC_CLICKHOUSE_URL")
     return EmbeddedClickHouse(data_dir / "clickhouse")

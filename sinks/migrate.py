@@ -13,6 +13,7 @@ from importlib import resources
 from string import Template
 
 from sinks.clickhouse import ClickHouse, Features
+from sinks.cluster import statements_for
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,18 @@ def statements(template: str, features: Features) -> list[str]:
 
 
 def migrate(ch: ClickHouse) -> list[int]:
-    """Apply every migration not applied yet; return the versions applied now."""
-    ch.execute(LEDGER)
+    """Apply every migration not applied yet; return the versions applied now. On a cluster,
+    every statement runs in its cluster form (sinks/cluster.py), the ledger included."""
+    for statement in statements_for(ch, LEDGER):
+        ch.execute(statement)
     done = {int(v) for v in ch.query_tsv("SELECT version FROM schema_migrations").split()}
     applied = []
     for version, name, template in migrations():
         if version in done:
             continue
         for statement in statements(template, ch.features):
-            ch.execute(statement)
+            for form in statements_for(ch, statement):
+                ch.execute(form)
         # Data goes as columns: old servers hang on inline VALUES sent through the native driver.
         ch.insert_columns(
             "schema_migrations", ["version", "name"], [[version], [name]], ["version", "name"]
@@ -82,5 +86,7 @@ def apply_retention(ch: ClickHouse, days: int | None) -> str:
             f"retention: this server has no TTL; drop old partitions of events yourself "
             f"(wanted {days} days)"
         )
-    ch.execute(f"ALTER TABLE events MODIFY TTL toDateTime(timestamp) + INTERVAL {int(days)} DAY")
+    ttl = f"ALTER TABLE events MODIFY TTL toDateTime(timestamp) + INTERVAL {int(days)} DAY"
+    for statement in statements_for(ch, ttl):
+        ch.execute(statement)
     return f"retention: events older than {days} days are dropped (TTL)"

@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests start for real: ClickHouse server 18.16, Redis; wrk for benchmarks;
-# Chromium and its driver for the browser snippet's tests (Selenium drives them, no download).
+# Debian packages the tests start for real: ClickHouse server 18.16, Redis, ZooKeeper (the
+# replicated ClickHouse cluster); wrk for benchmarks; Chromium and its driver for the browser
+# snippet's tests (Selenium drives them, no download).
 need=()
 [ -x /usr/sbin/clickhouse-server ] || need+=(clickhouse-server)
+[ -x /usr/share/zookeeper/bin/zkServer.sh ] || need+=(zookeeper)
 command -v redis-server >/dev/null || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)

@@ -1,0 +1,165 @@
+"""The schema on a replicated ClickHouse cluster (MILLIMETRIC_CLICKHOUSE_CLUSTER), for real:
+ZooKeeper and two 18.16 servers as one shard of two replicas; the sink writes through the
+Distributed tables while one replica is stopped and restarted; a delete reaches both."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bench.services import ClickHouseServer, Proc, stage
+from sinks.clickhouse import Features, ServerClickHouse
+from sinks.cluster import cluster_statements, pending_mutations, statements_for
+from sinks.migrate import LEDGER, migrations, statements
+from tests.clickhouse_cluster import CLUSTER, clickhouse_cluster
+from tests.test_sinks import enriched, produce
+
+DATABASE = "analytics"
+EVENTS = 3000
+
+
+@pytest.mark.parametrize("version", [(18, 16), (25, 8)])
+def test_every_migration_statement_has_a_cluster_form(version: tuple[int, int]) -> None:
+    features = Features(version)
+    rendered = [LEDGER] + [s for _, _, t in migrations() for s in statements(t, features)]
+    for sql in rendered:
+        forms = cluster_statements(sql, "c", "db")
+        assert all(" ON CLUSTER c " in form for form in forms), sql
+    events = cluster_statements(rendered[1], "c", "db")
+    assert events[0].startswith("CREATE TABLE IF NOT EXISTS db.events_local ON CLUSTER c (")
+    assert (
+        "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/db/events_local', "
+        "'{replica}')\nPARTITION BY toYYYYMM(timestamp)" in events[0]
+    )
+    assert events[1].endswith(
+        "ENGINE = Distributed(c, db, events_local, cityHash64(project, anonymous_id))"
+    )
+    with pytest.raises(ValueError):
+        cluster_statements("DROP TABLE events", "c", "db")
+
+
+def test_mutations_become_cluster_mutations_on_the_local_tables() -> None:
+    assert cluster_statements("ALTER TABLE events DELETE WHERE project = 'p'", "c", "db") == [
+        "ALTER TABLE db.events_local ON CLUSTER c DELETE WHERE project = 'p'"
+    ]
+    assert cluster_statements("DELETE FROM events WHERE user_id = 'u'", "c", "db") == [
+        "DELETE FROM db.events_local ON CLUSTER c WHERE user_id = 'u'"
+    ]
+    assert cluster_statements(
+        "ALTER TABLE events ADD COLUMN IF NOT EXISTS x String", "c", "db"
+    ) == [
+        "ALTER TABLE db.events_local ON CLUSTER c ADD COLUMN IF NOT EXISTS x String",
+        "ALTER TABLE db.events ON CLUSTER c ADD COLUMN IF NOT EXISTS x String",
+    ]
+
+
+def _wait(what: Callable[[], object], expected: object, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = what()
+        except Exception as error:  # a replica still starting or catching up
+            last = error
+        if last == expected:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"got {last!r}, expected {expected!r}")
+
+
+def _on(server: ClickHouseServer, sql: str) -> str:
+    ch = ServerClickHouse(server.url(DATABASE))
+    try:
+        return ch.query_tsv(sql)
+    finally:
+        ch.close()
+
+
+def _counts(server: ClickHouseServer) -> str:
+    """Distinct events as this replica's own tables count them: events, rollup, sessions."""
+    return _on(
+        server,
+        "SELECT (SELECT count() FROM events_local FINAL), "
+        "(SELECT sum(c) FROM (SELECT uniqExactMerge(events) AS c FROM daily_rollup_local "
+        " GROUP BY project, day, event, source, medium, channel)), "
+        "(SELECT sum(c) FROM (SELECT uniqExactMerge(events) AS c FROM sessions_local "
+        " GROUP BY project, session_id))",
+    )
+
+
+def _sink(bootstrap: str, server: ClickHouseServer, data_dir: Path) -> Proc:
+    """A sink writing to the cluster through `server`, in small batches (many inserts)."""
+    env = {
+        **os.environ,
+        "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
+        "MILLIMETRIC_CLICKHOUSE_URL": server.url(DATABASE),
+        "MILLIMETRIC_CLICKHOUSE_CLUSTER": CLUSTER,
+        "MILLIMETRIC_SINK_BATCH_ROWS": "250",
+        "MILLIMETRIC_SINK_BATCH_SECONDS": "0.2",
+        "MILLIMETRIC_DATA_DIR": str(data_dir),
+        "MILLIMETRIC_LOG_LEVEL": "WARNING",
+    }
+    return stage("sink", env, data_dir)
+
+
+def test_sink_writes_through_the_cluster_while_a_replica_restarts(
+    fresh_broker: str, tmp_path: Path
+) -> None:
+    with clickhouse_cluster() as cluster:
+        writer, other = cluster.replicas
+        sink = _sink(fresh_broker, writer, tmp_path).start()
+        try:
+            half = EVENTS // 2
+            produce(fresh_broker, [enriched(i) for i in range(half)])
+            _wait(lambda: _counts(other), f"{half}\t{half}\t{half}\n")
+            other.stop()  # mid-run: the Distributed inserts fail over to the writer
+            produce(fresh_broker, [enriched(i) for i in range(half, EVENTS)])
+            _wait(lambda: _on(writer, "SELECT count() FROM events FINAL"), f"{EVENTS}\n")
+            other.start()  # it fetches what it missed from the replication log
+            for replica in cluster.replicas:
+                _wait(lambda r=replica: _counts(r), f"{EVENTS}\t{EVENTS}\t{EVENTS}\n")
+        finally:
+            sink.stop()
+
+        # A delete in its cluster form reaches every replica (what forget runs).
+        ch = ServerClickHouse(writer.url(DATABASE), CLUSTER)
+        try:
+            person = "project = 'demo' AND anonymous_id = 'a3'"
+            erased = int(ch.query_tsv(f"SELECT count() FROM events WHERE {person}"))
+            assert erased == EVENTS // 10
+            for statement in statements_for(ch, f"ALTER TABLE events DELETE WHERE {person}"):
+                ch.execute(statement)
+            _wait(lambda: pending_mutations(ch), 0)
+        finally:
+            ch.close()
+        for replica in cluster.replicas:
+            left = _on(replica, f"SELECT count() FROM events_local WHERE {person}")
+            assert left == "0\n"
+            assert _on(replica, "SELECT count() FROM events_local") == f"{EVENTS - erased}\n"
+
+
+def test_two_shards_keep_a_repeated_event_on_one_shard(fresh_broker: str, tmp_path: Path) -> None:
+    """Rows spread over both shards; a redelivered batch lands beside its first copies (the
+    sharding key is a function of the row), so FINAL still counts each event once."""
+    with clickhouse_cluster(shards=2, replicas=1) as cluster:
+        first, second = cluster.replicas
+        sink = _sink(fresh_broker, first, tmp_path).start()
+        try:
+            records = [enriched(i) for i in range(1000)]
+            produce(fresh_broker, records)
+            _wait(lambda: _on(first, "SELECT count() FROM events FINAL"), "1000\n")
+            produce(fresh_broker, records[200:700])  # redelivered, as after a crash
+            # One new event behind the repeats on each partition: once all have landed, so have
+            # the repeats, and a repeat on the other shard than its first copy would count twice.
+            produce(fresh_broker, [enriched(i) for i in range(1000, 1012)])
+            _wait(lambda: _on(second, "SELECT count() FROM events FINAL"), "1012\n")
+        finally:
+            sink.stop()
+        shards = [int(_on(s, "SELECT count() FROM events_local FINAL")) for s in cluster.replicas]
+        assert all(shards) and sum(shards) == 1012
+        assert int(_on(first, "SELECT count() FROM events WHERE event_id = 'e1011'")) == 1
