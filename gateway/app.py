@@ -31,6 +31,7 @@ from gateway.rate_limit import (
 )
 from gateway.responses import error_response, json_response
 from gateway.validate import Validator
+from ingest.kafka_connection import client_options
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 
@@ -41,7 +42,7 @@ class Gateway:
     def __init__(self, settings: Settings, bootstrap: str) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
-        self.keys = KeyStore(bootstrap)
+        self.keys = KeyStore(client_options(settings, bootstrap))
         self.publisher = Publisher(
             bootstrap,
             idempotence=settings.kafka_idempotence,
@@ -86,7 +87,8 @@ async def _forget_status(request: Request) -> Response:
             request.headers.get("authorization"), request.headers.get("origin"), "forget"
         )
     except AuthError as error:
-        return error_response(error.code)
+        retry = {"retry-after": error.retry_after} if error.retry_after is not None else None
+        return error_response(error.code, retry)
     forget_id = request.path_params["forget_id"]
     status = gw.keys.forget_status(who.project, forget_id)
     if status is None:

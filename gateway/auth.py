@@ -8,6 +8,7 @@ hashes of keys are stored; a lookup hashes the presented key and finds its recor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -24,10 +25,12 @@ from ingest.records import (
     decode,
     hash_api_key,
 )
+from ingest.retry import retrying
 from ingest.topics import topic
 
 log = logging.getLogger(__name__)
 
+KEYS_LOADING_RETRY_AFTER = "1"  # seconds; a replica reads the keys topic in about that
 KEY_FORMAT = re.compile(r"(pk|sk|rk)_(live|test)_[A-Za-z0-9]{16,128}")
 
 # Which key kinds may call which route; the error code when one may not.
@@ -51,17 +54,18 @@ class Principal:
 class AuthError(Exception):
     """A request that may not proceed; `code` is a row of the error table."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, retry_after: str | None = None) -> None:
         super().__init__(code)
         self.code = code
+        self.retry_after = retry_after  # seconds, for refusals that are not final
 
 
 class KeyStore:
     """The keys topic as in-memory maps, kept current: key hash -> key record, and
     (project, route) -> rate-limit override."""
 
-    def __init__(self, bootstrap_servers: str) -> None:
-        self._bootstrap = bootstrap_servers
+    def __init__(self, kafka: dict[str, Any]) -> None:
+        self._kafka = kafka  # aiokafka connection options: bootstrap servers, TLS, SASL
         self._keys: dict[str, ApiKeyRecord] = {}
         self._limits: dict[tuple[str, str], Limit] = {}
         self._forgets: dict[str, ForgetStatusRecord] = {}
@@ -71,36 +75,43 @@ class KeyStore:
         self.loaded = asyncio.Event()
 
     async def start(self) -> None:
-        """Begin reading the keys topic from its start; `loaded` is set once caught up."""
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
-        )
-        await self._consumer.start()
-        tp = TopicPartition(topic("keys").name, 0)
-        self._consumer.assign([tp])
-        await self._consumer.seek_to_beginning(tp)
-        # Keys are published one record per batch, so the broker's end offset is exact here.
-        end = (await self._consumer.end_offsets([tp]))[tp]
-        self._task = asyncio.create_task(self._follow(tp, end))
+        """Begin reading the keys topic from its start in the background; `loaded` is set once
+        caught up (until then requests are answered `keys_loading`, never refused)."""
+        self._task = asyncio.create_task(self._follow(TopicPartition(topic("keys").name, 0)))
 
-    async def _follow(self, tp: TopicPartition, end: int) -> None:
-        assert self._consumer is not None
+    async def _connect(self, tp: TopicPartition) -> int:
+        """A consumer at the start of the keys partition; returns the partition's end offset."""
+        consumer = AIOKafkaConsumer(**self._kafka, enable_auto_commit=False, fetch_max_wait_ms=100)
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            # Keys are published one record per batch, so the broker's end offset is exact here.
+            end = (await consumer.end_offsets([tp]))[tp]
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+        return end
+
+    async def _follow(self, tp: TopicPartition) -> None:
+        end = await retrying("keys topic connect", lambda: self._connect(tp), max_delay_s=5)
+        consumer = self._consumer
+        assert consumer is not None
         if end == 0:
             self.loaded.set()
         while True:
-            try:
-                batches = await self._consumer.getmany(timeout_ms=1000)
-            except Exception:  # a broker outage must not kill the key follower
-                log.exception("keys topic fetch failed; retrying")
-                await asyncio.sleep(1)
-                continue
+            # A broker outage must not kill the follower: back off and fetch again.
+            batches = await retrying(
+                "keys topic fetch", lambda: consumer.getmany(timeout_ms=1000), max_delay_s=5
+            )
             for messages in batches.values():
                 for message in messages:
                     try:
                         self.apply(decode(message.value))
                     except (ValueError, KeyError, TypeError):  # one bad record stops nothing
                         log.warning("skipping undecodable keys record at %s", message.offset)
-            if not self.loaded.is_set() and await self._consumer.position(tp) >= end:
+            if not self.loaded.is_set() and await consumer.position(tp) >= end:
                 self.loaded.set()
 
     def apply(self, record: dict[str, Any]) -> None:
@@ -151,6 +162,9 @@ class KeyStore:
         raw = raw.strip()
         if scheme.lower() != "bearer" or not KEY_FORMAT.fullmatch(raw):
             raise AuthError("malformed_api_key")
+        if not self.loaded.is_set():
+            # Not yet known is not unknown: 401 is final to clients, so ask them to come back.
+            raise AuthError("keys_loading", KEYS_LOADING_RETRY_AFTER)
         digest = hash_api_key(raw)
         record = self._keys.get(digest)
         # The dict lookup is by hash; compare_digest keeps the final check constant-time.
@@ -167,5 +181,7 @@ class KeyStore:
         """Stop following the topic."""
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         if self._consumer is not None:
             await self._consumer.stop()

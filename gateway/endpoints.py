@@ -175,7 +175,10 @@ class IngestEndpoint:
             extra = {"details": error.details} if error.details else {}
             answer = error_response(error.code, cors(gw.keys, origin, principal), **extra)
         except AuthError as error:
-            answer = error_response(error.code, cors(gw.keys, origin, principal))
+            extra_headers = cors(gw.keys, origin, principal)
+            if error.retry_after is not None:
+                extra_headers["retry-after"] = error.retry_after
+            answer = error_response(error.code, extra_headers)
         except BrokerUnavailable:
             extra_headers = {**cors(gw.keys, origin, principal), "retry-after": gw.retry_after}
             answer = error_response("broker_unavailable", extra_headers)

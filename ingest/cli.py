@@ -19,8 +19,6 @@ import logging
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
@@ -142,22 +140,23 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _query(settings: Settings, query: str) -> str:
-    """Run a query on the configured ClickHouse and return TSV; exit with its message on error."""
-    from sinks.clickhouse import connect
-    from sinks.sql_endpoint import ENDPOINT_FILE
+def _query(settings: Settings, query: str, write: bool = False) -> str:
+    """Run a query on the configured ClickHouse and return TSV; exit with its message on error.
 
-    endpoint = settings.data_dir / ENDPOINT_FILE
-    if settings.clickhouse_url is None and endpoint.exists():
+    Without `write`, only one read query is allowed (the sink's endpoint enforces it too)."""
+    from sinks.clickhouse import connect
+    from sinks.sql_endpoint import SqlRefused, query_endpoint, read_only_refusal
+
+    if not write and (refusal := read_only_refusal(query)):
+        sys.exit(f"millimetric sql: {refusal}")
+    if settings.clickhouse_url is None:
         # A running sink holds the embedded store: ask it.
-        request = urllib.request.Request(endpoint.read_text().strip(), data=query.encode())
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return str(response.read().decode())
-        except urllib.error.HTTPError as error:
-            sys.exit(f"millimetric sql: {error.read().decode()}")
+            return query_endpoint(settings.data_dir, query, write=write)
+        except SqlRefused as error:
+            sys.exit(f"millimetric sql: {error}")
         except OSError:
-            pass  # a stale endpoint file: no sink runs, open the store directly
+            pass  # no sink serves (or a stale endpoint file): open the store directly
     try:
         ch = connect(settings.clickhouse_url, settings.data_dir)
     except RuntimeError as error:
@@ -174,7 +173,7 @@ def _query(settings: Settings, query: str) -> str:
 
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    sys.stdout.write(_query(settings, args.query))
+    sys.stdout.write(_query(settings, args.query, args.write))
     return 0
 
 
@@ -277,6 +276,9 @@ def parser() -> argparse.ArgumentParser:
 
     sql = sub.add_parser("sql", help="run a query on the configured ClickHouse, print TSV")
     sql.add_argument("query")
+    sql.add_argument(
+        "--write", action="store_true", help="allow statements that change data or schema"
+    )
     sql.set_defaults(run=cmd_sql)
 
     classify = sub.add_parser(

@@ -87,6 +87,12 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "Back off for `Retry-After` seconds.",
         "limit",
     ),
+    "keys_loading": ErrorCode(
+        503,
+        "This gateway is still reading the API keys; your key was not checked.",
+        "Retry after `Retry-After` seconds: the key is not refused.",
+        "authenticate",
+    ),
     "broker_unavailable": ErrorCode(
         503,
         "The event could not be stored durably right now; it was not accepted.",

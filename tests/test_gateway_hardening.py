@@ -1,0 +1,68 @@
+"""Gateway hardening against the real broker: keys still loading answer 503 (never a final 401),
+slow bodies are cut, requests in flight are bounded, and invalid requests cost a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import httpx
+import pytest
+
+from gateway.app import build_app
+from gateway.key_admin import create_key
+from ingest.dev import EmbeddedBroker, free_port
+from ingest.topics import ensure_topics
+from tests.test_batch_publisher import CuttableLink
+from tests.test_gateway import JSON, gateway_settings
+
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("MILLIMETRIC_TEST_KAFKA")), reason="runs its own broker behind a link"
+)
+
+
+async def _keys_unreachable_at_start(broker: EmbeddedBroker, link: CuttableLink) -> None:
+    await link.start()
+    await ensure_topics(broker.bootstrap)
+    key = await create_key(broker.bootstrap, f"load-{uuid.uuid4().hex[:8]}", "sk", "live", [])
+    app = build_app(gateway_settings(broker.bootstrap), broker.bootstrap)
+    try:
+        async with app.starlette.router.lifespan_context(app.starlette):
+            link.cut()  # the gateway is up; the keys topic cannot be read
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                headers = {**JSON, "authorization": f"Bearer {key}"}
+                for _ in range(3):
+                    r = await client.post("/v1/track", json={"event": "e"}, headers=headers)
+                    assert r.status_code == 503, r.text  # not 401: clients treat that as final
+                    assert r.json()["error"] == "keys_loading"
+                    assert int(r.headers["retry-after"]) >= 1
+                    await asyncio.sleep(0.5)
+                ready = await client.get("/ready")
+                assert ready.status_code == 503 and ready.json()["keys_loaded"] is False
+                unknown = f"Bearer sk_live_{'x' * 32}"
+                r = await client.post("/v1/track", json={"event": "e"}, headers={
+                    **JSON, "authorization": unknown})  # fmt: skip
+                assert r.json()["error"] == "keys_loading"  # unknown yet, so not refused
+                link.restore()
+                async with asyncio.timeout(60):
+                    while (r := await client.post("/v1/track", json={}, headers=headers)).json()[
+                        "error"
+                    ] == "keys_loading":
+                        await asyncio.sleep(0.2)
+                assert r.json()["error"] == "invalid_payload"  # the key is known now
+                r = await client.post("/v1/track", json={"event": "e"}, headers=headers)
+                assert r.status_code == 202, r.text
+    finally:
+        await link.close()
+
+
+def test_valid_keys_get_503_keys_loading_until_the_keys_topic_is_read() -> None:
+    broker_port, link_port = free_port(), free_port()
+    broker = EmbeddedBroker(broker_port, advertised_port=link_port).start()
+    try:
+        asyncio.run(_keys_unreachable_at_start(broker, CuttableLink(link_port, broker_port)))
+    finally:
+        broker.stop()
