@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 Headers = dict[str, str]  # lower-case names, as ASGI servers pass them
 JSON_TYPES = ("application/json", "text/plain")  # text/plain: navigator.sendBeacon's default
 CORS_HEADERS = "authorization, content-type"
+LIST_HEADERS = frozenset({"x-forwarded-for"})  # a proxy may add its own line after the client's
 
 
 async def read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
@@ -129,8 +130,16 @@ ROUTES: dict[str, tuple[Parser, str]] = {
 
 
 def _headers(scope: Scope) -> Headers:
-    # One pass over the raw list; reversed so the first of repeated headers wins, as in Starlette.
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
+    """The request's headers by lower-case name: the first of repeated lines wins, as in
+    Starlette, except list headers (X-Forwarded-For), whose lines are joined in order."""
+    headers: Headers = {}
+    for raw_name, raw_value in scope["headers"]:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        if name not in headers:
+            headers[name] = value
+        elif name in LIST_HEADERS:
+            headers[name] = f"{headers[name]}, {value}"
+    return headers
 
 
 class IngestEndpoint:

@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests start for real: ClickHouse server 18.16, Redis; wrk for benchmarks.
+# Debian packages the tests start for real: ClickHouse server 18.16, Redis, haproxy (the reverse
+# proxy in front of the gateway); wrk for benchmarks.
 need=()
 [ -x /usr/sbin/clickhouse-server ] || need+=(clickhouse-server)
 command -v redis-server >/dev/null || need+=(redis-server)
+[ -x /usr/sbin/haproxy ] || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
