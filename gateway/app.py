@@ -132,16 +132,28 @@ class GatewayApp:
     """The ASGI app: POST/OPTIONS on the four ingest routes go straight to their endpoints (the
     hot path: no router, no middleware wrapping `send`); everything else to Starlette."""
 
-    def __init__(self, starlette: Starlette, ingest: dict[str, IngestEndpoint]) -> None:
+    def __init__(
+        self, starlette: Starlette, ingest: dict[str, IngestEndpoint], max_in_flight: int
+    ) -> None:
         self.starlette = starlette
         self.state = starlette.state
         self._ingest = ingest
+        self._max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "OPTIONS"):
             endpoint = self._ingest.get(scope["path"])
             if endpoint is not None:
-                await endpoint(scope, receive, send)
+                if self.in_flight >= self._max_in_flight:
+                    # Bounded work per process: past the cap, answer before reading anything.
+                    await error_response("overloaded", {"retry-after": "1"})(scope, receive, send)
+                    return
+                self.in_flight += 1
+                try:
+                    await endpoint(scope, receive, send)
+                finally:
+                    self.in_flight -= 1
                 return
         await self.starlette(scope, receive, send)
 
@@ -171,7 +183,7 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
     )
     app.state.gateway = gateway
     app.state.openapi = build_openapi(settings)
-    return GatewayApp(app, ingest)
+    return GatewayApp(app, ingest, settings.max_in_flight)
 
 
 def run(settings: Settings, bootstrap: str) -> None:

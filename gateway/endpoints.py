@@ -6,6 +6,7 @@ Each is a plain ASGI app (`IngestEndpoint`): the hot path builds no Request or R
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -30,8 +31,9 @@ CORS_HEADERS = "authorization, content-type"
 LIST_HEADERS = frozenset({"x-forwarded-for"})  # a proxy may add its own line after the client's
 
 
-async def read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
-    """Check the content type and size (before reading it all) and return the body."""
+async def read_body(headers: Headers, receive: Receive, limit: int, timeout_s: float) -> bytes:
+    """Check the content type and size (before reading it all) and return the body, which must
+    arrive within `timeout_s` (a slow client must not hold a worker)."""
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES:
         raise InvalidBody("unsupported_media_type")
@@ -40,6 +42,14 @@ async def read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
         raise InvalidBody("invalid_json", [{"field": "(body)", "message": "bad Content-Length"}])
     if declared is not None and int(declared) > limit:
         raise InvalidBody("payload_too_large")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive_body(receive, limit)
+    except TimeoutError:
+        raise InvalidBody("request_timeout") from None
+
+
+async def _receive_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -150,6 +160,7 @@ class IngestEndpoint:
         self.route = route
         self.parse, limit_field = ROUTES[route]
         self.limit = getattr(gateway.settings, limit_field)
+        self.body_timeout_s = gateway.settings.body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw, route = self.gateway, self.route
@@ -163,7 +174,7 @@ class IngestEndpoint:
             # The spec's order: authenticate, validate, limit. A caller without a valid key
             # never gets its body read.
             principal = gw.keys.authenticate(headers.get("authorization"), origin, route)
-            body = await read_body(headers, receive, self.limit)
+            body = await read_body(headers, receive, self.limit, self.body_timeout_s)
             client = scope.get("client")
             ctx = gw.context.build(client[0] if client else None, headers)
             accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))
@@ -182,7 +193,10 @@ class IngestEndpoint:
                 return
         except InvalidBody as error:
             extra = {"details": error.details} if error.details else {}
-            answer = error_response(error.code, cors(gw.keys, origin, principal), **extra)
+            extra_headers = cors(gw.keys, origin, principal)
+            if error.code == "request_timeout":  # the rest of the body is not worth waiting for
+                extra_headers["connection"] = "close"
+            answer = error_response(error.code, extra_headers, **extra)
         except AuthError as error:
             extra_headers = cors(gw.keys, origin, principal)
             if error.retry_after is not None:

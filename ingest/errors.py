@@ -41,6 +41,12 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "Split it: /v1/batch takes up to the configured bytes and events per call.",
         "validate",
     ),
+    "request_timeout": ErrorCode(
+        408,
+        "The body did not arrive in time; the connection is closed.",
+        "Send the whole body at once, right after the headers.",
+        "validate",
+    ),
     "missing_api_key": ErrorCode(
         401,
         "No `Authorization: Bearer <key>` header.",
@@ -92,6 +98,12 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "This gateway is still reading the API keys; your key was not checked.",
         "Retry after `Retry-After` seconds: the key is not refused.",
         "authenticate",
+    ),
+    "overloaded": ErrorCode(
+        503,
+        "This gateway is handling as many requests as it may; this one was not read.",
+        "Retry after `Retry-After` seconds; nothing was recorded.",
+        "limit",
     ),
     "broker_unavailable": ErrorCode(
         503,

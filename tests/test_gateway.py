@@ -289,7 +289,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "forget_requires_secret_key": ("forget", {"body": {"user_id": "u"}, "key": "<pk>"}),
 }
 OTHER_ROWS = {"not_found", "method_not_allowed", "rate_limited", "broker_unavailable"}
-OTHER_ROWS |= {"keys_loading"}  # test_gateway_hardening.py
+OTHER_ROWS |= {"keys_loading", "request_timeout", "overloaded"}  # test_gateway_hardening.py
 
 
 def test_every_error_row_has_a_test() -> None:

@@ -5,8 +5,12 @@ slow bodies are cut, requests in flight are bounded, and invalid requests cost a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +21,7 @@ from ingest.dev import EmbeddedBroker, free_port
 from ingest.topics import ensure_topics
 from tests.test_batch_publisher import CuttableLink
 from tests.test_gateway import JSON, gateway_settings
+from tests.test_gateway_processes import GatewayProcess, wait
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("MILLIMETRIC_TEST_KAFKA")), reason="runs its own broker behind a link"
@@ -66,3 +71,43 @@ def test_valid_keys_get_503_keys_loading_until_the_keys_topic_is_read() -> None:
         asyncio.run(_keys_unreachable_at_start(broker, CuttableLink(link_port, broker_port)))
     finally:
         broker.stop()
+
+
+def _hold(port: int, key: str) -> socket.socket:
+    """A request whose headers arrive but whose body never does (a slow client)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(
+        f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+    )
+    return s
+
+
+def _answer(s: socket.socket) -> bytes:
+    answer = b""
+    with contextlib.suppress(OSError):
+        while data := s.recv(65536):
+            answer += data
+    return answer
+
+
+def test_slow_bodies_are_cut_and_requests_in_flight_are_bounded(
+    broker: str, tmp_path: Path
+) -> None:
+    gw = GatewayProcess(broker, tmp_path, body_timeout_s="3", max_in_flight="2").start()
+    try:
+        gw.wait_ready()
+        key = asyncio.run(create_key(broker, f"slow-{uuid.uuid4().hex[:8]}", "sk", "live", []))
+        wait(lambda: gw.knows(key))
+        held = [_hold(gw.port, key) for _ in range(2)]
+        time.sleep(0.5)  # both are in flight, reading their bodies
+        r = gw.track(key)
+        assert r.status_code == 503 and r.json()["error"] == "overloaded", r.text
+        assert int(r.headers["retry-after"]) >= 1
+        for s in held:  # answered and closed once the body timeout passes
+            answer = _answer(s)
+            s.close()
+            assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
+        assert gw.track(key).status_code == 202  # the slots are free again
+    finally:
+        gw.stage.stop()
