@@ -23,6 +23,7 @@ from gateway.endpoints import ROUTES, IngestEndpoint
 from gateway.openapi import build_openapi
 from gateway.publish import Publisher
 from gateway.rate_limit import (
+    InvalidRequestBudget,
     Limit,
     MemoryRateLimiter,
     RateLimiter,
@@ -57,6 +58,9 @@ class Gateway:
             RedisRateLimiter(settings.redis_url, fail_open=settings.rate_limit_fail_open)
             if settings.redis_url
             else MemoryRateLimiter()
+        )
+        self.invalid_budget = InvalidRequestBudget(
+            self.limiter, Limit(settings.invalid_request_rate, settings.invalid_request_burst)
         )
         raw, forgets = require("raw", "forgets")
         self.raw_topic, self.forget_topic = raw.name, forgets.name

@@ -170,15 +170,27 @@ class IngestEndpoint:
             await _preflight(gw, route, origin)(scope, receive, send)
             return
         principal: Principal | None = None
+        sender = ""
         try:
-            # The spec's order: authenticate, validate, limit. A caller without a valid key
-            # never gets its body read.
+            # The README's order: authenticate, the sender's invalid-request budget, validate,
+            # limit. A caller without a valid key never gets its body read.
             principal = gw.keys.authenticate(headers.get("authorization"), origin, route)
-            body = await read_body(headers, receive, self.limit, self.body_timeout_s)
             client = scope.get("client")
             ctx = gw.context.build(client[0] if client else None, headers)
+            # pk_ keys are public: one client's invalid requests must not block the others.
+            sender = principal.prefix
+            if principal.kind == "pk":
+                sender += f":{ctx.get('ip', '')}"
+            if blocked := gw.invalid_budget.blocked_for(principal.project, sender):
+                wait = {"retry-after": str(max(1, math.ceil(blocked)))}
+                answer = error_response(
+                    "too_many_invalid_requests", {**cors(gw.keys, origin, principal), **wait}
+                )
+                await answer(scope, receive, send)
+                return
+            body = await read_body(headers, receive, self.limit, self.body_timeout_s)
             accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))
-            # Limit after validating (the spec's order): a 400 costs no token.
+            # The project's limit counts valid requests; invalid ones cost their sender's budget.
             decision = await gw.limiter.check(
                 principal.project, route, gw.limit_for(route, principal.project)
             )
@@ -197,6 +209,11 @@ class IngestEndpoint:
             if error.code == "request_timeout":  # the rest of the body is not worth waiting for
                 extra_headers["connection"] = "close"
             answer = error_response(error.code, extra_headers, **extra)
+            if principal is not None:  # an invalid request costs its sender a token
+                charged = await gw.invalid_budget.charge(principal.project, sender)
+                if not charged.allowed:
+                    extra_headers["retry-after"] = str(max(1, math.ceil(charged.retry_after)))
+                    answer = error_response("too_many_invalid_requests", extra_headers)
         except AuthError as error:
             extra_headers = cors(gw.keys, origin, principal)
             if error.retry_after is not None:

@@ -99,6 +99,14 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "Retry after `Retry-After` seconds: the key is not refused.",
         "authenticate",
     ),
+    "too_many_invalid_requests": ErrorCode(
+        429,
+        "This key (for a pk_ key: this key from this client IP) sent too many invalid requests; "
+        "this one was not read.",
+        "Fix the requests (see the earlier answers' `details`), then retry after `Retry-After` "
+        "seconds.",
+        "limit",
+    ),
     "overloaded": ErrorCode(
         503,
         "This gateway is handling as many requests as it may; this one was not read.",

@@ -52,6 +52,9 @@ def gateway_settings(bootstrap: str, **overrides: Any) -> Settings:
         redis_url=None,
         publish_timeout_s=5.0,
         log_level="WARNING",
+        # These tests send invalid requests by the hundred: the budget has its own tests.
+        invalid_request_rate=1_000_000.0,
+        invalid_request_burst=1_000_000,
     )
     return Settings(**(values | overrides))
 
@@ -289,7 +292,12 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "forget_requires_secret_key": ("forget", {"body": {"user_id": "u"}, "key": "<pk>"}),
 }
 OTHER_ROWS = {"not_found", "method_not_allowed", "rate_limited", "broker_unavailable"}
-OTHER_ROWS |= {"keys_loading", "request_timeout", "overloaded"}  # test_gateway_hardening.py
+OTHER_ROWS |= {
+    "keys_loading",
+    "request_timeout",
+    "overloaded",
+    "too_many_invalid_requests",
+}  # test_gateway_hardening.py
 
 
 def test_every_error_row_has_a_test() -> None:

@@ -23,10 +23,6 @@ from tests.test_batch_publisher import CuttableLink
 from tests.test_gateway import JSON, gateway_settings
 from tests.test_gateway_processes import GatewayProcess, wait
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("MILLIMETRIC_TEST_KAFKA")), reason="runs its own broker behind a link"
-)
-
 
 async def _keys_unreachable_at_start(broker: EmbeddedBroker, link: CuttableLink) -> None:
     await link.start()
@@ -64,6 +60,9 @@ async def _keys_unreachable_at_start(broker: EmbeddedBroker, link: CuttableLink)
         await link.close()
 
 
+@pytest.mark.skipif(
+    bool(os.environ.get("MILLIMETRIC_TEST_KAFKA")), reason="runs its own broker behind a link"
+)
 def test_valid_keys_get_503_keys_loading_until_the_keys_topic_is_read() -> None:
     broker_port, link_port = free_port(), free_port()
     broker = EmbeddedBroker(broker_port, advertised_port=link_port).start()
@@ -111,3 +110,52 @@ def test_slow_bodies_are_cut_and_requests_in_flight_are_bounded(
         assert gw.track(key).status_code == 202  # the slots are free again
     finally:
         gw.stage.stop()
+
+
+async def _invalid_requests_cost_tokens(broker: str) -> None:
+    settings = gateway_settings(broker, invalid_request_rate=0.01, invalid_request_burst=3)
+    app = build_app(settings, broker)
+    project = f"inv-{uuid.uuid4().hex[:8]}"
+    origin = "https://site.example"
+
+    def client(ip: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app, client=(ip, 4321))
+        return httpx.AsyncClient(transport=transport, base_url="http://gw")
+
+    async with (
+        app.starlette.router.lifespan_context(app.starlette),
+        client("203.0.113.1") as one,
+        client("203.0.113.2") as two,
+    ):
+        keys = {
+            "sk": await create_key(broker, project, "sk", "live", []),
+            "pk": await create_key(broker, project, "pk", "live", [origin]),
+            "sk2": await create_key(broker, project, "sk", "live", []),
+        }
+
+        async def post(c: httpx.AsyncClient, kind: str, body: object) -> httpx.Response:
+            headers = {**JSON, "authorization": f"Bearer {keys[kind]}", "origin": origin}
+            return await c.post("/v1/track", json=body, headers=headers)
+
+        async with asyncio.timeout(30):  # wait for the gateway to know the keys
+            while (await post(one, "sk2", {"event": "e"})).status_code != 202:
+                await asyncio.sleep(0.1)
+        for kind in ("sk", "pk"):
+            for _ in range(3):  # the burst: answered as what they are
+                assert (await post(one, kind, {})).json()["error"] == "invalid_payload"
+            r = await post(one, kind, {})
+            assert r.status_code == 429, r.text
+            assert r.json()["error"] == "too_many_invalid_requests"
+            assert int(r.headers["retry-after"]) >= 1
+            # Now refused before its body is read, valid or not.
+            r = await post(one, kind, {"event": "e"})
+            assert r.json()["error"] == "too_many_invalid_requests"
+        # A pk_ key is public: another client IP still gets through, and is judged on its own.
+        assert (await post(two, "pk", {"event": "e"})).status_code == 202
+        assert (await post(two, "pk", {})).json()["error"] == "invalid_payload"
+        # An sk_ key's budget is its own: another key of the project is not held back.
+        assert (await post(one, "sk2", {"event": "e"})).status_code == 202
+
+
+def test_invalid_requests_cost_a_token_of_the_senders_budget(broker: str) -> None:
+    asyncio.run(_invalid_requests_cost_tokens(broker))
