@@ -32,7 +32,7 @@ from gateway.rate_limit import (
 )
 from gateway.responses import error_response, json_response
 from gateway.validate import Validator
-from ingest.kafka_connection import client_options
+from ingest.kafka_connection import client_options, security_options
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 
@@ -43,9 +43,10 @@ class Gateway:
     def __init__(self, settings: Settings, bootstrap: str) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
-        self.keys = KeyStore(client_options(settings, bootstrap))
+        self.kafka = client_options(settings, bootstrap)
+        self.keys = KeyStore(self.kafka)
         self.publisher = Publisher(
-            bootstrap,
+            self.kafka,
             idempotence=settings.kafka_idempotence,
             linger_ms=settings.kafka_linger_ms,
             compression=settings.kafka_compression,
@@ -72,7 +73,13 @@ class Gateway:
 
     async def start(self) -> None:
         """Create missing topics, connect the producer, start following the keys topic."""
-        await ensure_topics(self.bootstrap, self.settings.kafka_replication_factor)
+        s = self.settings
+        await ensure_topics(
+            self.bootstrap,
+            s.kafka_replication_factor,
+            min_insync_replicas=s.kafka_min_insync_replicas,
+            security=security_options(s),
+        )
         await self.publisher.start()
         await self.keys.start()
 

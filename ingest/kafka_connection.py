@@ -30,10 +30,14 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 def client_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
     """Keyword arguments every aiokafka client of a stage is made with."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
-        "security_protocol": settings.kafka_security_protocol,
-    }
+    return {"bootstrap_servers": bootstrap, **security_options(settings)}
+
+
+def security_options(settings: Settings) -> dict[str, Any]:
+    """The TLS and SASL keyword arguments of an aiokafka client (empty over plaintext)."""
+    options: dict[str, Any] = {}
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        options["security_protocol"] = settings.kafka_security_protocol
     if (context := ssl_context(settings)) is not None:
         options["ssl_context"] = context
     if settings.kafka_security_protocol.startswith("SASL"):
@@ -54,7 +58,7 @@ def faust_credentials(settings: Settings) -> Any:
 
     context = ssl_context(settings)
     if settings.kafka_security_protocol.startswith("SASL"):
-        options = client_options(settings, "")
+        options = security_options(settings)
         return faust.SASLCredentials(
             username=options["sasl_plain_username"],
             password=options["sasl_plain_password"],

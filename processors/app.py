@@ -27,6 +27,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaProducer
 
+from ingest.kafka_connection import faust_credentials, security_options
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.settings import Settings
@@ -102,6 +103,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     app = faust.App(
         "millimetric-processor",
         broker=f"kafka://{bootstrap}",
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         web_enabled=settings.processor_port is not None,
         web_port=settings.processor_port or 6066,
@@ -171,6 +173,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         # A producer of its own, so a step's records go out as whole batches (BatchPublisher).
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
+            **security_options(settings),
             acks="all",
             enable_idempotence=settings.kafka_idempotence,
             linger_ms=settings.kafka_linger_ms,

@@ -19,11 +19,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from ingest.kafka_connection import security_options
 from ingest.records import decode, encode
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 from sinks.batch import EventBatch
-from sinks.clickhouse import ClickHouse, connect, is_content_error
+from sinks.clickhouse import ClickHouse, is_content_error, open_configured
 from sinks.clickhouse_writer import EventWriter
 from sinks.erasure import ErasureExecutor, ErasureFilter, execute_erasures, follow
 from sinks.migrate import apply_retention, migrate
@@ -61,15 +62,20 @@ class Sink:
         self.batch = EventBatch()
         self._lock = asyncio.Lock()
         self._storing: asyncio.Task[None] | None = None
+        self.security = security_options(settings)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **self.security,
             group_id=GROUP_ID,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", enable_idempotence=settings.kafka_idempotence
+            bootstrap_servers=bootstrap,
+            **self.security,
+            acks="all",
+            enable_idempotence=settings.kafka_idempotence,
         )
         self.inserted = 0
 
@@ -78,7 +84,11 @@ class Sink:
         await asyncio.to_thread(migrate, self.ch)
         log.info(await asyncio.to_thread(apply_retention, self.ch, self.settings.retention_days))
         await ensure_topics(
-            self.bootstrap, self.settings.kafka_replication_factor, ["enriched", "dead_letter"]
+            self.bootstrap,
+            self.settings.kafka_replication_factor,
+            ["enriched", "dead_letter"],
+            min_insync_replicas=self.settings.kafka_min_insync_replicas,
+            security=self.security,
         )
         await self.producer.start()
         self.consumer.subscribe([self.enriched.name], listener=_FlushOnRevoke(self))
@@ -221,11 +231,11 @@ async def _connect(settings: Settings, attempts: int = 60) -> ClickHouse:
     """Connect, waiting while the server is down or another process briefly holds the store."""
     for _ in range(attempts - 1):
         try:
-            return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+            return await asyncio.to_thread(open_configured, settings)
         except Exception as error:
             log.warning("ClickHouse not available yet (%s); retrying", error)
             await asyncio.sleep(1)
-    return await asyncio.to_thread(connect, settings.clickhouse_url, settings.data_dir)
+    return await asyncio.to_thread(open_configured, settings)
 
 
 async def serve(settings: Settings, bootstrap: str) -> None:
@@ -242,8 +252,10 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     executor = ErasureExecutor(ch, erasures, settings.forget_grace_s)
     tasks = [
         sink.run(stop),
-        follow(bootstrap, erasures, stop),
-        execute_erasures(bootstrap, executor, erasures, sink.producer, stop),
+        follow(bootstrap, erasures, stop, security=sink.security),
+        execute_erasures(
+            bootstrap, executor, erasures, sink.producer, stop, security=sink.security
+        ),
     ]
     if settings.clickhouse_url is None:
         tasks.append(serve_sql(ch, settings.data_dir, stop))

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
+from pydantic import SecretStr
+
+from ingest.settings import Settings
+
 # Feature -> first server version that has it. The Debian 18.16 server lacks all of these.
 FEATURE_VERSIONS: dict[str, tuple[int, int]] = {
     "datetime64": (20, 1),
@@ -92,28 +96,40 @@ def _version(text: str) -> tuple[int, int]:
 class ServerClickHouse:
     """A ClickHouse server over the native protocol (clickhouse-driver)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: SecretStr | None = None,
+        secure: bool = False,
+        ca_certs: Path | None = None,
+    ) -> None:
+        """Connect to `url` (`clickhouse://user@host:port/db`); `password` overrides the URL's,
+        `secure` speaks TLS (verifying the server against `ca_certs`, else the system's CAs)."""
         from clickhouse_driver import Client
 
         parsed = urlparse(url)
         self.database = parsed.path.lstrip("/") or "default"
-        self.description = f"clickhouse://{parsed.hostname}:{parsed.port or 9000}/{self.database}"
-        bootstrap = Client(
-            host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 9000,
-            user=unquote(parsed.username or "default"),
-            password=unquote(parsed.password or ""),
+        default_port = 9440 if secure else 9000
+        self.description = (
+            f"clickhouse://{parsed.hostname}:{parsed.port or default_port}/{self.database}"
+            + (" (TLS)" if secure else "")
         )
+        self.client_options: dict[str, Any] = dict(
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or default_port,
+            user=unquote(parsed.username or "default"),
+            password=(password.get_secret_value() if password else unquote(parsed.password or "")),
+            secure=secure,
+            verify=True,
+            ca_certs=str(ca_certs) if ca_certs else None,
+            connect_timeout=5,
+        )
+        bootstrap = Client(**self.client_options)
         bootstrap.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
         bootstrap.disconnect()
         self._client = Client(
-            host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 9000,
-            user=unquote(parsed.username or "default"),
-            password=unquote(parsed.password or ""),
-            database=self.database,
-            send_receive_timeout=60,
-            connect_timeout=5,
+            **self.client_options, database=self.database, send_receive_timeout=60
         )
         self._lock = threading.Lock()  # the driver's client is not thread-safe
         self.features = Features(_version(self._client.execute("SELECT version()")[0][0]))
@@ -191,8 +207,14 @@ class EmbeddedClickHouse:
         self._session.close()
 
 
-def connect(url: str | None, data_dir: Path) -> ClickHouse:
-    """The configured ClickHouse: a server when `url` is set, else chdb in `data_dir`."""
-    if url:
-        return ServerClickHouse(url)
-    return EmbeddedClickHouse(data_dir / "clickhouse")
+def open_configured(settings: Settings) -> ClickHouse:
+    """The configured ClickHouse: a server (with the settings' password and TLS) when
+    `clickhouse_url` is set, else chdb in `<data_dir>/clickhouse`."""
+    if settings.clickhouse_url:
+        return ServerClickHouse(
+            settings.clickhouse_url,
+            password=settings.clickhouse_password,
+            secure=settings.clickhouse_secure,
+            ca_certs=settings.clickhouse_ca_certs,
+        )
+    return EmbeddedClickHouse(settings.data_dir / "clickhouse")

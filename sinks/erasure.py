@@ -16,8 +16,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -25,6 +26,8 @@ from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.topics import topic
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse
+
+Security = Mapping[str, Any] | None  # an aiokafka client's TLS and SASL options
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,13 @@ class ErasureFilter:
         )
 
 
-async def follow(bootstrap: str, erasures: ErasureFilter, stop: asyncio.Event) -> None:
+async def follow(
+    bootstrap: str, erasures: ErasureFilter, stop: asyncio.Event, *, security: Security = None
+) -> None:
     """Keep `erasures` current from the erasures topic (all partitions, from the start)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, **(security or {}), enable_auto_commit=False
+    )
     await consumer.start()
     name = topic("erasures").name
     consumer.assign([TopicPartition(name, p) for p in range(topic("erasures").partitions)])
@@ -216,12 +223,15 @@ async def execute_erasures(
     erasures: ErasureFilter,
     producer: AIOKafkaProducer,
     stop: asyncio.Event,
+    *,
+    security: Security = None,
 ) -> None:
     """One sink of the group carries out each erasure; its outcome goes on the keys topic (so
     every gateway can answer for it) before its offset is committed."""
     consumer = AIOKafkaConsumer(
         topic("erasures").name,
         bootstrap_servers=bootstrap,
+        **(security or {}),
         group_id=EXECUTOR_GROUP,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
