@@ -16,8 +16,10 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -154,30 +156,66 @@ def test_sasl_and_tls_reach_every_kafka_client(
     assert faust_credentials(Settings()) is None  # plaintext: Faust's default
 
 
+@contextmanager
+def tls_in_front(port: int, bundle: Path, root: Path, tls_port: int = 0) -> Iterator[int]:
+    """haproxy terminating TLS (certificate and key in `bundle`) in front of 127.0.0.1:`port`,
+    on `tls_port` (0: a free one), which it yields."""
+    if not Path(HAPROXY).exists():
+        pytest.skip("haproxy is not installed (tests/run.sh installs it)")
+    tls_port = tls_port or free_port()
+    config = root / "haproxy.cfg"
+    config.write_text(
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+        f"frontend tls\n  bind 127.0.0.1:{tls_port} ssl crt {bundle}\n  default_backend plain\n"
+        f"backend plain\n  server plain 127.0.0.1:{port}\n"
+    )
+    proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(tls_port)
+        yield tls_port
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+
+
 @pytest.fixture
 def tls_broker(certificate: tuple[Path, Path], tmp_path: Path) -> Iterator[str]:
     """Tansu behind haproxy terminating TLS: the bootstrap address speaks TLS only."""
     if os.environ.get("MILLIMETRIC_TEST_KAFKA"):
         pytest.skip("runs its own broker behind haproxy")
-    if not Path(HAPROXY).exists():
-        pytest.skip("haproxy is not installed (tests/run.sh installs it)")
     broker_port, tls_port = free_port(), free_port()
     broker = EmbeddedBroker(broker_port, advertised_port=tls_port).start()
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(
-        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
-        f"frontend tls\n  bind 127.0.0.1:{tls_port} ssl crt {certificate[1]}\n"
-        "  default_backend tansu\n"
-        f"backend tansu\n  server tansu 127.0.0.1:{broker_port}\n"
-    )
-    proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(tls_port)
-        yield f"127.0.0.1:{tls_port}"
+        with tls_in_front(broker_port, certificate[1], tmp_path, tls_port) as port:
+            yield f"127.0.0.1:{port}"
     finally:
-        proxy.terminate()
-        proxy.wait(30)
         broker.stop()
+
+
+def test_the_sink_reaches_clickhouse_over_tls(
+    ch_url: str, certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from sinks.clickhouse import open_configured
+
+    server = urlsplit(ch_url)
+    with tls_in_front(server.port or 9000, certificate[1], tmp_path) as tls_port:
+        url = urlunsplit(
+            server._replace(
+                netloc=f"{server.netloc.rpartition('@')[0] or 'default'}@127.0.0.1:{tls_port}"
+            )
+        )
+        plain = Settings(clickhouse_url=url)
+        with pytest.raises(Exception):  # noqa: B017 - the driver's error for a TLS port
+            open_configured(plain)
+        secure = Settings(
+            clickhouse_url=url, clickhouse_secure=True, clickhouse_ca_certs=certificate[0]
+        )
+        ch = open_configured(secure)
+        try:
+            assert ch.query_tsv("SELECT 1") == "1\n"
+            assert ch.description.endswith("(TLS)")
+        finally:
+            ch.close()
 
 
 def test_the_gateway_talks_to_kafka_over_tls(
