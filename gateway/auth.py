@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +65,12 @@ class KeyStore:
     """The keys topic as in-memory maps, kept current: key hash -> key record, and
     (project, route) -> rate-limit override."""
 
-    def __init__(self, kafka: dict[str, Any]) -> None:
+    def __init__(self, kafka: dict[str, Any], stale_after_s: float = 10.0) -> None:
         self._kafka = kafka  # aiokafka connection options: bootstrap servers, TLS, SASL
+        # Heard nothing from the broker for this long: a key not found may just be unseen.
+        self.stale_after_s = stale_after_s
+        self._tp = TopicPartition(topic("keys").name, 0)
+        self._position = 0
         self._keys: dict[str, ApiKeyRecord] = {}
         self._limits: dict[tuple[str, str], Limit] = {}
         self._forgets: dict[str, ForgetStatusRecord] = {}
@@ -77,7 +82,7 @@ class KeyStore:
     async def start(self) -> None:
         """Begin reading the keys topic from its start in the background; `loaded` is set once
         caught up (until then requests are answered `keys_loading`, never refused)."""
-        self._task = asyncio.create_task(self._follow(TopicPartition(topic("keys").name, 0)))
+        self._task = asyncio.create_task(self._follow(self._tp))
 
     async def _connect(self, tp: TopicPartition) -> int:
         """A consumer at the start of the keys partition; returns the partition's end offset."""
@@ -111,8 +116,21 @@ class KeyStore:
                         self.apply(decode(message.value))
                     except (ValueError, KeyError, TypeError):  # one bad record stops nothing
                         log.warning("skipping undecodable keys record at %s", message.offset)
-            if not self.loaded.is_set() and await consumer.position(tp) >= end:
+            self._position = await consumer.position(tp)
+            if not self.loaded.is_set() and self._position >= end:
                 self.loaded.set()
+
+    def lagging(self) -> bool:
+        """Whether keys may exist that this store has not read: the broker has records past
+        its position, or has not answered a fetch for `stale_after_s`."""
+        consumer = self._consumer
+        if consumer is None or not self.loaded.is_set():
+            return True
+        polled = consumer.last_poll_timestamp(self._tp)
+        if polled is None or time.time() * 1000 - polled > self.stale_after_s * 1000:
+            return True
+        highwater = consumer.highwater(self._tp)
+        return highwater is not None and self._position < highwater
 
     def apply(self, record: dict[str, Any]) -> None:
         """Apply one record from the keys topic (a key, a revocation, a project limit or a
@@ -168,6 +186,8 @@ class KeyStore:
         digest = hash_api_key(raw)
         record = self._keys.get(digest)
         # The dict lookup is by hash; compare_digest keeps the final check constant-time.
+        if record is None and self.lagging():
+            raise AuthError("keys_loading", KEYS_LOADING_RETRY_AFTER)  # perhaps just created
         if record is None or not hmac.compare_digest(record["key_hash"], digest):
             raise AuthError("invalid_api_key")
         kinds, refusal = ROUTE_KINDS[route]

@@ -98,7 +98,7 @@ async def known(gw: Gw, key: str, origin: str | None = None) -> bool:
     """Whether the gateway knows `key` yet (an empty body costs no token and publishes nothing)."""
     headers = {"origin": origin} if origin else None
     r = await gw.post("/v1/track", {}, key, headers=headers)
-    return r.json()["error"] != "invalid_api_key"
+    return r.json()["error"] not in ("invalid_api_key", "keys_loading")
 
 
 async def new_key(gw: Gw, kind: str, project: str | None = None, origins: list[str] | None = None):

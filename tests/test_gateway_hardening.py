@@ -56,6 +56,27 @@ async def _keys_unreachable_at_start(broker: EmbeddedBroker, link: CuttableLink)
                 assert r.json()["error"] == "invalid_payload"  # the key is known now
                 r = await client.post("/v1/track", json={"event": "e"}, headers=headers)
                 assert r.status_code == 202, r.text
+                r = await client.post("/v1/track", json={"event": "e"}, headers={
+                    **JSON, "authorization": unknown})  # fmt: skip
+                assert r.json()["error"] == "invalid_api_key"  # caught up: unknown is final
+
+                # Lag: the follower hears nothing from the broker, where keys may be created.
+                store = app.state.gateway.keys
+                store.stale_after_s = 1.0
+                link.cut()
+                await asyncio.sleep(2 * store.stale_after_s)
+                stranger = {**JSON, "authorization": unknown}
+                r = await client.post("/v1/track", json={"event": "e"}, headers=stranger)
+                assert r.status_code == 503 and r.json()["error"] == "keys_loading", r.text
+                r = await client.post("/v1/track", json={"event": "e"}, headers=headers)
+                assert r.json()["error"] == "broker_unavailable"  # known keys still pass
+                link.restore()
+                async with asyncio.timeout(60):
+                    while (r := await client.post("/v1/track", json={}, headers=stranger)).json()[
+                        "error"
+                    ] == "keys_loading":
+                        await asyncio.sleep(0.2)
+                assert r.json()["error"] == "invalid_api_key"  # heard from the broker again
     finally:
         await link.close()
 
