@@ -10,17 +10,17 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway.rate_limit import Limit, load_default_limits
+from ingest.kafka_connection import Security
 from ingest.records import ApiKeyRecord, ProjectLimitRecord, decode, encode, hash_api_key
 from ingest.topics import ensure_topics, topic
 
 KeysTopicRecord = ApiKeyRecord | ProjectLimitRecord
-Security = Mapping[str, Any] | None  # an aiokafka client's TLS and SASL options
 
 ALPHABET = string.ascii_letters + string.digits
 

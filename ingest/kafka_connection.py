@@ -8,9 +8,12 @@ handed to the client, so it never reaches a log line or a settings repr.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
 from ingest.settings import Settings
+
+Security = Mapping[str, Any] | None  # an aiokafka client's TLS and SASL options (None: none)
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:

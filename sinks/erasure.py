@@ -16,18 +16,16 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ingest.kafka_connection import Security
 from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.topics import topic
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse
-
-Security = Mapping[str, Any] | None  # an aiokafka client's TLS and SASL options
 
 log = logging.getLogger(__name__)
 
