@@ -4,12 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests start for real: ClickHouse server 18.16, Redis, haproxy (the reverse
-# proxy in front of the gateway); wrk for benchmarks.
+# Debian packages the tests start for real: ClickHouse server 18.16, Redis, haproxy (a reverse
+# proxy in front of the gateway, TLS in front of the broker and ClickHouse); wrk for benchmarks.
 need=()
 [ -x /usr/sbin/clickhouse-server ] || need+=(clickhouse-server)
 command -v redis-server >/dev/null || need+=(redis-server)
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v openssl >/dev/null || need+=(openssl)  # the TLS tests' certificates
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
