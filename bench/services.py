@@ -214,16 +214,11 @@ def wait_http_ok(url: str, timeout: float = 60) -> None:
 
 def sink_sql(data_dir: Path, query: str) -> str:
     """A query through a running chdb sink's SQL endpoint; "" while it is not serving yet."""
-    from sinks.sql_endpoint import ENDPOINT_FILE
+    from sinks.sql_endpoint import SqlRefused, query_endpoint
 
-    marker = data_dir / ENDPOINT_FILE
-    if not marker.exists():
-        return ""
-    request = urllib.request.Request(marker.read_text().strip(), data=query.encode())
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return str(response.read().decode())
-    except OSError:
+        return query_endpoint(data_dir, query, timeout=30)
+    except (OSError, SqlRefused):
         return ""
 
 

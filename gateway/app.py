@@ -24,6 +24,7 @@ from gateway.openapi import build_openapi
 from gateway.publish import Publisher
 from gateway.query_key import authorization
 from gateway.rate_limit import (
+    InvalidRequestBudget,
     Limit,
     MemoryRateLimiter,
     RateLimiter,
@@ -34,6 +35,7 @@ from gateway.responses import error_response, json_response
 from gateway.snippet import build as build_snippet
 from gateway.snippet import serve as serve_snippet
 from gateway.validate import Validator
+from ingest.kafka_connection import client_options, security_options
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 
@@ -44,9 +46,10 @@ class Gateway:
     def __init__(self, settings: Settings, bootstrap: str) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
-        self.keys = KeyStore(bootstrap)
+        self.kafka = client_options(settings, bootstrap)
+        self.keys = KeyStore(self.kafka)
         self.publisher = Publisher(
-            bootstrap,
+            self.kafka,
             idempotence=settings.kafka_idempotence,
             linger_ms=settings.kafka_linger_ms,
             compression=settings.kafka_compression,
@@ -65,6 +68,9 @@ class Gateway:
             if settings.redis_url
             else MemoryRateLimiter()
         )
+        self.invalid_budget = InvalidRequestBudget(
+            self.limiter, Limit(settings.invalid_request_rate, settings.invalid_request_burst)
+        )
         raw, forgets = require("raw", "forgets")
         self.raw_topic, self.forget_topic = raw.name, forgets.name
         self.retry_after = str(max(1, round(settings.publish_timeout_s)))
@@ -75,7 +81,13 @@ class Gateway:
 
     async def start(self) -> None:
         """Create missing topics, connect the producer, start following the keys topic."""
-        await ensure_topics(self.bootstrap, self.settings.kafka_replication_factor)
+        s = self.settings
+        await ensure_topics(
+            self.bootstrap,
+            s.kafka_replication_factor,
+            min_insync_replicas=s.kafka_min_insync_replicas,
+            security=security_options(s),
+        )
         await self.publisher.start()
         await self.keys.start()
 
@@ -95,7 +107,8 @@ async def _forget_status(request: Request) -> Response:
         )
         who = gw.keys.authenticate(credentials, request.headers.get("origin"), "forget")
     except AuthError as error:
-        return error_response(error.code)
+        retry = {"retry-after": error.retry_after} if error.retry_after is not None else None
+        return error_response(error.code, retry)
     forget_id = request.path_params["forget_id"]
     status = gw.keys.forget_status(who.project, forget_id)
     if status is None:
@@ -139,16 +152,28 @@ class GatewayApp:
     """The ASGI app: POST/OPTIONS on the four ingest routes go straight to their endpoints (the
     hot path: no router, no middleware wrapping `send`); everything else to Starlette."""
 
-    def __init__(self, starlette: Starlette, ingest: dict[str, IngestEndpoint]) -> None:
+    def __init__(
+        self, starlette: Starlette, ingest: dict[str, IngestEndpoint], max_in_flight: int
+    ) -> None:
         self.starlette = starlette
         self.state = starlette.state
         self._ingest = ingest
+        self._max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "OPTIONS"):
             endpoint = self._ingest.get(scope["path"])
             if endpoint is not None:
-                await endpoint(scope, receive, send)
+                if self.in_flight >= self._max_in_flight:
+                    # Bounded work per process: past the cap, answer before reading anything.
+                    await error_response("overloaded", {"retry-after": "1"})(scope, receive, send)
+                    return
+                self.in_flight += 1
+                try:
+                    await endpoint(scope, receive, send)
+                finally:
+                    self.in_flight -= 1
                 return
         await self.starlette(scope, receive, send)
 
@@ -180,7 +205,7 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
     )
     app.state.gateway = gateway
     app.state.openapi = build_openapi(settings)
-    return GatewayApp(app, ingest)
+    return GatewayApp(app, ingest, settings.max_in_flight)
 
 
 def run(settings: Settings, bootstrap: str) -> None:

@@ -8,9 +8,11 @@ hashes of keys are stored; a lookup hashes the presented key and finds its recor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +26,12 @@ from ingest.records import (
     decode,
     hash_api_key,
 )
+from ingest.retry import retrying
 from ingest.topics import topic
 
 log = logging.getLogger(__name__)
 
+KEYS_LOADING_RETRY_AFTER = "1"  # seconds; a replica reads the keys topic in about that
 KEY_FORMAT = re.compile(r"(pk|sk|rk)_(live|test)_[A-Za-z0-9]{16,128}")
 
 # Which key kinds may call which route; the error code when one may not.
@@ -51,17 +55,22 @@ class Principal:
 class AuthError(Exception):
     """A request that may not proceed; `code` is a row of the error table."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, retry_after: str | None = None) -> None:
         super().__init__(code)
         self.code = code
+        self.retry_after = retry_after  # seconds, for refusals that are not final
 
 
 class KeyStore:
     """The keys topic as in-memory maps, kept current: key hash -> key record, and
     (project, route) -> rate-limit override."""
 
-    def __init__(self, bootstrap_servers: str) -> None:
-        self._bootstrap = bootstrap_servers
+    def __init__(self, kafka: dict[str, Any], stale_after_s: float = 10.0) -> None:
+        self._kafka = kafka  # aiokafka connection options: bootstrap servers, TLS, SASL
+        # Heard nothing from the broker for this long: a key not found may just be unseen.
+        self.stale_after_s = stale_after_s
+        self._tp = TopicPartition(topic("keys").name, 0)
+        self._position = 0
         self._keys: dict[str, ApiKeyRecord] = {}
         self._limits: dict[tuple[str, str], Limit] = {}
         self._forgets: dict[str, ForgetStatusRecord] = {}
@@ -71,37 +80,57 @@ class KeyStore:
         self.loaded = asyncio.Event()
 
     async def start(self) -> None:
-        """Begin reading the keys topic from its start; `loaded` is set once caught up."""
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
-        )
-        await self._consumer.start()
-        tp = TopicPartition(topic("keys").name, 0)
-        self._consumer.assign([tp])
-        await self._consumer.seek_to_beginning(tp)
-        # Keys are published one record per batch, so the broker's end offset is exact here.
-        end = (await self._consumer.end_offsets([tp]))[tp]
-        self._task = asyncio.create_task(self._follow(tp, end))
+        """Begin reading the keys topic from its start in the background; `loaded` is set once
+        caught up (until then requests are answered `keys_loading`, never refused)."""
+        self._task = asyncio.create_task(self._follow(self._tp))
 
-    async def _follow(self, tp: TopicPartition, end: int) -> None:
-        assert self._consumer is not None
+    async def _connect(self, tp: TopicPartition) -> int:
+        """A consumer at the start of the keys partition; returns the partition's end offset."""
+        consumer = AIOKafkaConsumer(**self._kafka, enable_auto_commit=False, fetch_max_wait_ms=100)
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            # Keys are published one record per batch, so the broker's end offset is exact here.
+            end = (await consumer.end_offsets([tp]))[tp]
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+        return end
+
+    async def _follow(self, tp: TopicPartition) -> None:
+        end = await retrying("keys topic connect", lambda: self._connect(tp), max_delay_s=5)
+        consumer = self._consumer
+        assert consumer is not None
         if end == 0:
             self.loaded.set()
         while True:
-            try:
-                batches = await self._consumer.getmany(timeout_ms=1000)
-            except Exception:  # a broker outage must not kill the key follower
-                log.exception("keys topic fetch failed; retrying")
-                await asyncio.sleep(1)
-                continue
+            # A broker outage must not kill the follower: back off and fetch again.
+            batches = await retrying(
+                "keys topic fetch", lambda: consumer.getmany(timeout_ms=1000), max_delay_s=5
+            )
             for messages in batches.values():
                 for message in messages:
                     try:
                         self.apply(decode(message.value))
                     except (ValueError, KeyError, TypeError):  # one bad record stops nothing
                         log.warning("skipping undecodable keys record at %s", message.offset)
-            if not self.loaded.is_set() and await self._consumer.position(tp) >= end:
+            self._position = await consumer.position(tp)
+            if not self.loaded.is_set() and self._position >= end:
                 self.loaded.set()
+
+    def lagging(self) -> bool:
+        """Whether keys may exist that this store has not read: the broker has records past
+        its position, or has not answered a fetch for `stale_after_s`."""
+        consumer = self._consumer
+        if consumer is None or not self.loaded.is_set():
+            return True
+        polled = consumer.last_poll_timestamp(self._tp)
+        if polled is None or time.time() * 1000 - polled > self.stale_after_s * 1000:
+            return True
+        highwater = consumer.highwater(self._tp)
+        return highwater is not None and self._position < highwater
 
     def apply(self, record: dict[str, Any]) -> None:
         """Apply one record from the keys topic (a key, a revocation, a project limit or a
@@ -151,9 +180,14 @@ class KeyStore:
         raw = raw.strip()
         if scheme.lower() != "bearer" or not KEY_FORMAT.fullmatch(raw):
             raise AuthError("malformed_api_key")
+        if not self.loaded.is_set():
+            # Not yet known is not unknown: 401 is final to clients, so ask them to come back.
+            raise AuthError("keys_loading", KEYS_LOADING_RETRY_AFTER)
         digest = hash_api_key(raw)
         record = self._keys.get(digest)
         # The dict lookup is by hash; compare_digest keeps the final check constant-time.
+        if record is None and self.lagging():
+            raise AuthError("keys_loading", KEYS_LOADING_RETRY_AFTER)  # perhaps just created
         if record is None or not hmac.compare_digest(record["key_hash"], digest):
             raise AuthError("invalid_api_key")
         kinds, refusal = ROUTE_KINDS[route]
@@ -167,5 +201,7 @@ class KeyStore:
         """Stop following the topic."""
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         if self._consumer is not None:
             await self._consumer.stop()

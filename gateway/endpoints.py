@@ -6,6 +6,7 @@ Each is a plain ASGI app (`IngestEndpoint`): the hot path builds no Request or R
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -29,10 +30,12 @@ if TYPE_CHECKING:
 Headers = dict[str, str]  # lower-case names, as ASGI servers pass them
 JSON_TYPES = ("application/json", "text/plain")  # text/plain: navigator.sendBeacon's default
 CORS_HEADERS = "authorization, content-type"
+LIST_HEADERS = frozenset({"x-forwarded-for"})  # a proxy may add its own line after the client's
 
 
-async def read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
-    """Check the content type and size (before reading it all) and return the body."""
+async def read_body(headers: Headers, receive: Receive, limit: int, timeout_s: float) -> bytes:
+    """Check the content type and size (before reading it all) and return the body, which must
+    arrive within `timeout_s` (a slow client must not hold a worker)."""
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES:
         raise InvalidBody("unsupported_media_type")
@@ -41,6 +44,14 @@ async def read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
         raise InvalidBody("invalid_json", [{"field": "(body)", "message": "bad Content-Length"}])
     if declared is not None and int(declared) > limit:
         raise InvalidBody("payload_too_large")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive_body(receive, limit)
+    except TimeoutError:
+        raise InvalidBody("request_timeout") from None
+
+
+async def _receive_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -131,8 +142,16 @@ ROUTES: dict[str, tuple[Parser, str]] = {
 
 
 def _headers(scope: Scope) -> Headers:
-    # One pass over the raw list; reversed so the first of repeated headers wins, as in Starlette.
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
+    """The request's headers by lower-case name: the first of repeated lines wins, as in
+    Starlette, except list headers (X-Forwarded-For), whose lines are joined in order."""
+    headers: Headers = {}
+    for raw_name, raw_value in scope["headers"]:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        if name not in headers:
+            headers[name] = value
+        elif name in LIST_HEADERS:
+            headers[name] = f"{headers[name]}, {value}"
+    return headers
 
 
 class IngestEndpoint:
@@ -143,6 +162,7 @@ class IngestEndpoint:
         self.route = route
         self.parse, limit_field = ROUTES[route]
         self.limit = getattr(gateway.settings, limit_field)
+        self.body_timeout_s = gateway.settings.body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw, route = self.gateway, self.route
@@ -152,17 +172,29 @@ class IngestEndpoint:
             await _preflight(gw, route, origin)(scope, receive, send)
             return
         principal: Principal | None = None
+        sender = ""
         try:
-            # The spec's order: authenticate, validate, limit. A caller without a valid key
-            # never gets its body read.
+            # The README's order: authenticate, the sender's invalid-request budget, validate,
+            # limit. A caller without a valid key never gets its body read.
             credentials = authorization(headers.get("authorization"), scope["query_string"])
             principal = gw.keys.authenticate(credentials, origin, route)
-            body = await read_body(headers, receive, self.limit)
-            body = decode_body(headers.get("content-encoding"), body, self.limit)
             client = scope.get("client")
             ctx = gw.context.build(client[0] if client else None, headers)
+            # pk_ keys are public: one client's invalid requests must not block the others.
+            sender = principal.prefix
+            if principal.kind == "pk":
+                sender += f":{ctx.get('ip', '')}"
+            if blocked := gw.invalid_budget.blocked_for(principal.project, sender):
+                wait = {"retry-after": str(max(1, math.ceil(blocked)))}
+                answer = error_response(
+                    "too_many_invalid_requests", {**cors(gw.keys, origin, principal), **wait}
+                )
+                await answer(scope, receive, send)
+                return
+            body = await read_body(headers, receive, self.limit, self.body_timeout_s)
+            body = decode_body(headers.get("content-encoding"), body, self.limit)
             accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))
-            # Limit after validating (the spec's order): a 400 costs no token.
+            # The project's limit counts valid requests; invalid ones cost their sender's budget.
             decision = await gw.limiter.check(
                 principal.project, route, gw.limit_for(route, principal.project)
             )
@@ -177,9 +209,20 @@ class IngestEndpoint:
                 return
         except InvalidBody as error:
             extra = {"details": error.details} if error.details else {}
-            answer = error_response(error.code, cors(gw.keys, origin, principal), **extra)
+            extra_headers = cors(gw.keys, origin, principal)
+            if error.code == "request_timeout":  # the rest of the body is not worth waiting for
+                extra_headers["connection"] = "close"
+            answer = error_response(error.code, extra_headers, **extra)
+            if principal is not None:  # an invalid request costs its sender a token
+                charged = await gw.invalid_budget.charge(principal.project, sender)
+                if not charged.allowed:
+                    extra_headers["retry-after"] = str(max(1, math.ceil(charged.retry_after)))
+                    answer = error_response("too_many_invalid_requests", extra_headers)
         except AuthError as error:
-            answer = error_response(error.code, cors(gw.keys, origin, principal))
+            extra_headers = cors(gw.keys, origin, principal)
+            if error.retry_after is not None:
+                extra_headers["retry-after"] = error.retry_after
+            answer = error_response(error.code, extra_headers)
         except BrokerUnavailable:
             extra_headers = {**cors(gw.keys, origin, principal), "retry-after": gw.retry_after}
             answer = error_response("broker_unavailable", extra_headers)

@@ -16,6 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway.rate_limit import Limit, load_default_limits
+from ingest.kafka_connection import Security
 from ingest.records import ApiKeyRecord, ProjectLimitRecord, decode, encode, hash_api_key
 from ingest.topics import ensure_topics, topic
 
@@ -40,12 +41,17 @@ def record_topic_key(record: Any) -> bytes:
 
 
 async def publish_key_records(
-    bootstrap: str, records: Sequence[KeysTopicRecord], idempotence: bool = False
+    bootstrap: str,
+    records: Sequence[KeysTopicRecord],
+    idempotence: bool = False,
+    *,
+    security: Security = None,
 ) -> None:
-    """Append records to the keys topic, each acknowledged before the next is sent."""
-    await ensure_topics(bootstrap, roles=["keys"])
+    """Append records to the keys topic, each acknowledged before the next is sent
+    (`security`: the client's TLS and SASL options, as everywhere below)."""
+    await ensure_topics(bootstrap, roles=["keys"], security=security)
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=idempotence
+        bootstrap_servers=bootstrap, **(security or {}), acks="all", enable_idempotence=idempotence
     )
     await producer.start()
     try:
@@ -57,10 +63,12 @@ async def publish_key_records(
         await producer.stop()
 
 
-async def read_key_records(bootstrap: str) -> list[Any]:
+async def read_key_records(bootstrap: str, *, security: Security = None) -> list[Any]:
     """Every record on the keys topic, oldest first."""
-    await ensure_topics(bootstrap, roles=["keys"])
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await ensure_topics(bootstrap, roles=["keys"], security=security)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, **(security or {}), enable_auto_commit=False
+    )
     await consumer.start()
     try:
         tp = TopicPartition(topic("keys").name, 0)
@@ -93,6 +101,8 @@ async def set_project_limit(
     route: str,
     limit: Limit | None,
     idempotence: bool = False,
+    *,
+    security: Security = None,
 ) -> ProjectLimitRecord:
     """Override (or, with None, reset to the default) a project's rate limit on one route."""
     routes = load_default_limits()
@@ -107,12 +117,19 @@ async def set_project_limit(
         "burst": limit.burst if limit else None,
         "updated_at": int(time.time() * 1000),
     }
-    await publish_key_records(bootstrap, [record], idempotence)
+    await publish_key_records(bootstrap, [record], idempotence, security=security)
     return record
 
 
 async def create_key(
-    bootstrap: str, project: str, kind: str, env: str, origins: list[str], idempotence: bool = False
+    bootstrap: str,
+    project: str,
+    kind: str,
+    env: str,
+    origins: list[str],
+    idempotence: bool = False,
+    *,
+    security: Security = None,
 ) -> str:
     """Create a key and return it raw (the only time it exists outside the caller's hands)."""
     raw = new_raw_key(kind, env)
@@ -127,15 +144,17 @@ async def create_key(
         "created_at": int(time.time() * 1000),
         "revoked_at": None,
     }
-    await publish_key_records(bootstrap, [record], idempotence)
+    await publish_key_records(bootstrap, [record], idempotence, security=security)
     return raw
 
 
-async def revoke_key(bootstrap: str, key_or_prefix: str, idempotence: bool = False) -> int:
+async def revoke_key(
+    bootstrap: str, key_or_prefix: str, idempotence: bool = False, *, security: Security = None
+) -> int:
     """Revoke the key given raw, or every live key starting with the given prefix."""
     live = [
         r
-        for r in current_keys(await read_key_records(bootstrap)).values()
+        for r in current_keys(await read_key_records(bootstrap, security=security)).values()
         if r["revoked_at"] is None
     ]
     digest = hash_api_key(key_or_prefix)
@@ -143,5 +162,6 @@ async def revoke_key(bootstrap: str, key_or_prefix: str, idempotence: bool = Fal
         r for r in live if len(key_or_prefix) >= 12 and r["prefix"].startswith(key_or_prefix)
     ]
     now = int(time.time() * 1000)
-    await publish_key_records(bootstrap, [{**r, "revoked_at": now} for r in targets], idempotence)
+    revoked = [{**r, "revoked_at": now} for r in targets]
+    await publish_key_records(bootstrap, revoked, idempotence, security=security)
     return len(targets)

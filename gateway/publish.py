@@ -28,7 +28,7 @@ class Publisher:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: dict[str, Any],
         *,
         idempotence: bool,
         linger_ms: int,
@@ -37,7 +37,7 @@ class Publisher:
     ) -> None:
         self._timeout = timeout_s
         self._config: dict[str, Any] = dict(
-            bootstrap_servers=bootstrap_servers,
+            **kafka,  # bootstrap servers, TLS, SASL
             acks="all",
             enable_idempotence=idempotence,
             linger_ms=linger_ms,

@@ -167,6 +167,51 @@ class MemoryRateLimiter:
         self._buckets.clear()
 
 
+class InvalidRequestBudget:
+    """Invalid requests are not free: each costs a token of its sender's budget (a key; for a
+    public pk_ key, a key and client IP), so nobody can make the gateway validate for nothing.
+
+    The bucket lives in the limiter (shared through Redis when there is one). A sender whose
+    bucket was found empty is refused before its next body is read, until the bucket would
+    hold a token again; this process remembers that for at most ``max_senders`` senders.
+    """
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        limit: Limit,
+        *,
+        max_senders: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limiter = limiter
+        self._limit = limit
+        self._max_senders = max_senders
+        self._clock = clock
+        self._blocked: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def blocked_for(self, project: str, sender: str) -> float:
+        """Seconds until `sender` may be heard again (0: now)."""
+        until = self._blocked.get((project, sender))
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left <= 0:
+            del self._blocked[(project, sender)]
+            return 0.0
+        return left
+
+    async def charge(self, project: str, sender: str) -> Decision:
+        """Take the token an invalid request costs; a refusal blocks the sender for a while."""
+        decision = await self._limiter.check(project, f"invalid:{sender}", self._limit)
+        if not decision.allowed:
+            self._blocked[(project, sender)] = self._clock() + decision.retry_after
+            self._blocked.move_to_end((project, sender))
+            while len(self._blocked) > self._max_senders:
+                self._blocked.popitem(last=False)
+        return decision
+
+
 # KEYS[1] = hash {tokens, ts (server time, us)}; ARGV = rate, burst, cost. Returns
 # {allowed, remaining, retry_after}, the last as a string (Lua floats are truncated to ints).
 _SCRIPT = """

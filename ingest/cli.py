@@ -19,8 +19,6 @@ import logging
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,15 +83,23 @@ def cmd_sink(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     from gateway import key_admin
+    from ingest.kafka_connection import security_options
 
     bootstrap = _bootstrap(settings)
     idem = settings.kafka_idempotence and settings.kafka_bootstrap_servers is not None
+    security = security_options(settings)
     if args.keys_command == "create":
         if args.origin and args.type != "pk":
             sys.exit("millimetric: --origin applies to pk keys only")
         raw = asyncio.run(
             key_admin.create_key(
-                bootstrap, args.project, args.type, args.env, args.origin or [], idem
+                bootstrap,
+                args.project,
+                args.type,
+                args.env,
+                args.origin or [],
+                idem,
+                security=security,
             )
         )
         # Gateways pick a new key up within a few hundred ms: give them that before the
@@ -112,14 +118,16 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
         try:
             limit = None if args.reset else Limit(args.rate, args.burst)
             asyncio.run(
-                key_admin.set_project_limit(bootstrap, args.project, args.route, limit, idem)
+                key_admin.set_project_limit(
+                    bootstrap, args.project, args.route, limit, idem, security=security
+                )
             )
         except ValueError as error:
             sys.exit(f"millimetric: {error}")
         shown = "the default" if limit is None else f"{limit.rate:g}/s, burst {limit.burst}"
         print(f"project {args.project!r} /v1/{args.route}: {shown}")
     elif args.keys_command == "list":
-        everything = asyncio.run(key_admin.read_key_records(bootstrap))
+        everything = asyncio.run(key_admin.read_key_records(bootstrap, security=security))
         records = key_admin.current_keys(everything)
         print("prefix\tproject\ttype\torigins\tstatus")
         for r in records.values():
@@ -136,30 +144,31 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
                 if args.project in (None, project):
                     print(f"{project}\t{route}\t{r['rate']:g}\t{r['burst']}")
     else:
-        count = asyncio.run(key_admin.revoke_key(bootstrap, args.key, idem))
+        count = asyncio.run(key_admin.revoke_key(bootstrap, args.key, idem, security=security))
         print(f"revoked {count} key(s)")
         return 0 if count else 1
     return 0
 
 
-def _query(settings: Settings, query: str) -> str:
-    """Run a query on the configured ClickHouse and return TSV; exit with its message on error."""
-    from sinks.clickhouse import connect
-    from sinks.sql_endpoint import ENDPOINT_FILE
+def _query(settings: Settings, query: str, write: bool = False) -> str:
+    """Run a query on the configured ClickHouse and return TSV; exit with its message on error.
 
-    endpoint = settings.data_dir / ENDPOINT_FILE
-    if settings.clickhouse_url is None and endpoint.exists():
+    Without `write`, only one read query is allowed (the sink's endpoint enforces it too)."""
+    from sinks.clickhouse import open_configured
+    from sinks.sql_endpoint import SqlRefused, query_endpoint, read_only_refusal
+
+    if not write and (refusal := read_only_refusal(query)):
+        sys.exit(f"millimetric sql: {refusal}")
+    if settings.clickhouse_url is None:
         # A running sink holds the embedded store: ask it.
-        request = urllib.request.Request(endpoint.read_text().strip(), data=query.encode())
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return str(response.read().decode())
-        except urllib.error.HTTPError as error:
-            sys.exit(f"millimetric sql: {error.read().decode()}")
+            return query_endpoint(settings.data_dir, query, write=write)
+        except SqlRefused as error:
+            sys.exit(f"millimetric sql: {error}")
         except OSError:
-            pass  # a stale endpoint file: no sink runs, open the store directly
+            pass  # no sink serves (or a stale endpoint file): open the store directly
     try:
-        ch = connect(settings.clickhouse_url, settings.data_dir, settings.clickhouse_cluster)
+        ch = open_configured(settings)
     except RuntimeError as error:
         sys.exit(
             f"millimetric sql: cannot open the embedded store in {settings.data_dir} "
@@ -174,7 +183,7 @@ def _query(settings: Settings, query: str) -> str:
 
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    sys.stdout.write(_query(settings, args.query))
+    sys.stdout.write(_query(settings, args.query, args.write))
     return 0
 
 
@@ -277,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
 
     sql = sub.add_parser("sql", help="run a query on the configured ClickHouse, print TSV")
     sql.add_argument("query")
+    sql.add_argument(
+        "--write", action="store_true", help="allow statements that change data or schema"
+    )
     sql.set_defaults(run=cmd_sql)
 
     classify = sub.add_parser(

@@ -19,9 +19,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ingest.kafka_connection import client_options, security_options
 from ingest.records import decode, encode
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
@@ -128,9 +130,12 @@ async def replay_keys(bootstrap: str, journal: Path) -> int:
     return len(records)
 
 
-async def journal_keys(bootstrap: str, journal: Path, start: int, stop: asyncio.Event) -> None:
-    """Append every new keys-topic record (from offset `start`) to the journal."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+async def journal_keys(
+    kafka: dict[str, Any], journal: Path, start: int, stop: asyncio.Event
+) -> None:
+    """Append every new keys-topic record (from offset `start`) to the journal (`kafka`: the
+    client's connection options)."""
+    consumer = AIOKafkaConsumer(**kafka, enable_auto_commit=False)
     await consumer.start()
     tp = TopicPartition(topic("keys").name, 0)
     consumer.assign([tp])
@@ -197,7 +202,12 @@ async def run(settings: Settings) -> None:
         broker = EmbeddedBroker().start()
         bootstrap = broker.bootstrap
     idempotence = settings.kafka_idempotence and broker is None
-    await ensure_topics(bootstrap, settings.kafka_replication_factor)
+    await ensure_topics(
+        bootstrap,
+        settings.kafka_replication_factor,
+        min_insync_replicas=settings.kafka_min_insync_replicas,
+        security=security_options(settings),
+    )
     journal = settings.data_dir / KEYS_JOURNAL
     replayed = await replay_keys(bootstrap, journal) if broker else 0
     env = {
@@ -221,7 +231,8 @@ async def run(settings: Settings) -> None:
         f"broker {bootstrap}, data in {settings.data_dir}",
         flush=True,
     )
-    journal_task = asyncio.create_task(journal_keys(bootstrap, journal, replayed, stop))
+    kafka = client_options(settings, bootstrap)
+    journal_task = asyncio.create_task(journal_keys(kafka, journal, replayed, stop))
     try:
         while not stop.is_set():
             children.restart_dead()

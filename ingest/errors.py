@@ -54,6 +54,12 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "decompressed body.",
         "validate",
     ),
+    "request_timeout": ErrorCode(
+        408,
+        "The body did not arrive in time; the connection is closed.",
+        "Send the whole body at once, right after the headers.",
+        "validate",
+    ),
     "missing_api_key": ErrorCode(
         401,
         "No `Authorization: Bearer <key>` header.",
@@ -105,6 +111,26 @@ ERROR_CODES: dict[str, ErrorCode] = {
         429,
         "Too many requests for this project and route.",
         "Back off for `Retry-After` seconds.",
+        "limit",
+    ),
+    "keys_loading": ErrorCode(
+        503,
+        "This gateway is still reading the API keys; your key was not checked.",
+        "Retry after `Retry-After` seconds: the key is not refused.",
+        "authenticate",
+    ),
+    "too_many_invalid_requests": ErrorCode(
+        429,
+        "This key (for a pk_ key: this key from this client IP) sent too many invalid requests; "
+        "this one was not read.",
+        "Fix the requests (see the earlier answers' `details`), then retry after `Retry-After` "
+        "seconds.",
+        "limit",
+    ),
+    "overloaded": ErrorCode(
+        503,
+        "This gateway is handling as many requests as it may; this one was not read.",
+        "Retry after `Retry-After` seconds; nothing was recorded.",
         "limit",
     ),
     "broker_unavailable": ErrorCode(

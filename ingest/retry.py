@@ -58,7 +58,8 @@ async def retrying(
     and counted in `millimetric_retries_exhausted_total`.
     """
     policy = AsyncRetrying(
-        retry=retry_if_exception(lambda error: not permanent(error)),
+        # Cancellation (a BaseException) is an order to stop, never a fault to retry.
+        retry=retry_if_exception(lambda e: isinstance(e, Exception) and not permanent(e)),
         wait=wait_random_exponential(multiplier=first_delay_s, max=max_delay_s),
         stop=stop_never if attempts is None else stop_after_attempt(attempts),
         before_sleep=_log_retry(operation),

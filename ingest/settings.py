@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +39,31 @@ class Settings(BaseSettings):
     kafka_compression: str | None = Field(
         None, description="Producer compression (`gzip`, `lz4`, `zstd`, `snappy`); unset: none."
     )
+    kafka_min_insync_replicas: int | None = Field(
+        None,
+        description="`min.insync.replicas` of the topics a stage creates (2 in production, with "
+        "a replication factor of 3, so an `acks=all` write survives losing a broker); unset: "
+        "the broker's default.",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How every Kafka client connects: `SSL` (TLS), `SASL_SSL` (TLS and a "
+        "password: use this in production), `SASL_PLAINTEXT`, or `PLAINTEXT` (dev).",
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="CA bundle that signs the brokers' certificates; unset: the system's."
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="Client certificate, for brokers that require mutual TLS."
+    )
+    kafka_ssl_keyfile: Path | None = Field(None, description="The client certificate's key.")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism, with a `SASL_*` security protocol."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password (a secret: never logged)."
+    )
     clickhouse_url: str | None = Field(
         None,
         description="`clickhouse://user:pass@host:9000/db` for a server (clickhouse-driver). "
@@ -49,6 +75,17 @@ class Settings(BaseSettings):
         "Replicated tables on every replica (`<table>_local`) under Distributed tables, DDL "
         "and deletes run `ON CLUSTER`. Needs ZooKeeper/Keeper and the `shard` and `replica` "
         "macros. Unset: one server.",
+    )
+    clickhouse_password: SecretStr | None = Field(
+        None,
+        description="ClickHouse password (a secret: never logged). A password in "
+        "`MILLIMETRIC_CLICKHOUSE_URL` is moved here, so the URL never carries it.",
+    )
+    clickhouse_secure: bool = Field(
+        False, description="Connect to the ClickHouse server over TLS (its secure port, 9440)."
+    )
+    clickhouse_ca_certs: Path | None = Field(
+        None, description="CA bundle that signs the ClickHouse server's certificate."
     )
     data_dir: Path = Field(
         Path(".millimetric"),
@@ -97,6 +134,25 @@ class Settings(BaseSettings):
     )
     publish_timeout_s: float = Field(
         5.0, description="How long the gateway waits for the broker's ack before answering 503."
+    )
+    body_timeout_s: float = Field(
+        10.0,
+        description="Longest the gateway waits for a request's whole body; a slower client is "
+        "answered 408 and disconnected.",
+    )
+    max_in_flight: int = Field(
+        1000,
+        description="Requests one gateway process handles at once; past it, 503 `overloaded` "
+        "with Retry-After.",
+    )
+    invalid_request_rate: float = Field(
+        1.0,
+        description="Invalid requests (4xx after authentication) a key may send per second "
+        "(for a pk_ key: per client IP); past its burst, its requests get 429 before their "
+        "body is read.",
+    )
+    invalid_request_burst: int = Field(
+        20, description="Invalid requests a key (pk_: a client IP) may send in a burst."
     )
     track_max_bytes: int = Field(32_768, description="Body limit of /v1/track and /v1/identify.")
     batch_max_bytes: int = Field(1_048_576, description="Body limit of /v1/batch.")
@@ -174,6 +230,24 @@ class Settings(BaseSettings):
         "forever. Aggregates are kept.",
     )
     log_level: str = Field("INFO", description="Python log level of every stage.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_out_of_url(cls, values: Any) -> Any:
+        """Move a password in the ClickHouse URL to `clickhouse_password` (a SecretStr)."""
+        url = values.get("clickhouse_url") if isinstance(values, dict) else None
+        if not url or not (parsed := urlsplit(url)).password:
+            return values
+        netloc = parsed.netloc.rpartition("@")[2]
+        user = parsed.username
+        values = {
+            **values,
+            "clickhouse_url": urlunsplit(
+                parsed._replace(netloc=f"{user}@{netloc}" if user else netloc)
+            ),
+        }
+        values.setdefault("clickhouse_password", unquote(parsed.password or ""))
+        return values
 
     def ip_salt_value(self) -> bytes:
         """The IP salt as bytes; stages that hash IPs call this at start-up."""

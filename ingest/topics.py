@@ -6,7 +6,9 @@ that the roles it needs exist in the table (`require`), so adding a topic is one
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,18 +103,30 @@ def require(*roles: str) -> list[Topic]:
 
 
 async def ensure_topics(
-    bootstrap_servers: str, replication_factor: int = 1, roles: list[str] | None = None
+    bootstrap_servers: str,
+    replication_factor: int = 1,
+    roles: list[str] | None = None,
+    *,
+    min_insync_replicas: int | None = None,
+    security: Mapping[str, Any] | None = None,
 ) -> None:
-    """Create the topics of `roles` (all by default) that do not exist yet, as the table says."""
+    """Create the topics of `roles` (all by default) that do not exist yet, as the table says,
+    with `replication_factor` copies of which `min_insync_replicas` must have an `acks=all`
+    write (None: the broker's default); `security`: the client's TLS and SASL options."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     wanted = require(*(roles or list(TOPICS)))
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(security or {}))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(t.name, t.partitions, replication_factor, topic_configs=_configs(t))
+            NewTopic(
+                t.name,
+                t.partitions,
+                replication_factor,
+                topic_configs=_configs(t, min_insync_replicas),
+            )
             for t in wanted
             if t.name not in existing
         ]
@@ -122,10 +136,13 @@ async def ensure_topics(
         await admin.close()
 
 
-def _configs(t: Topic) -> dict[str, str]:
+def _configs(t: Topic, min_insync_replicas: int | None) -> dict[str, str]:
+    durability = (
+        {} if min_insync_replicas is None else {"min.insync.replicas": str(min_insync_replicas)}
+    )
     if t.compacted:
-        return {"cleanup.policy": "compact"}
-    return {"cleanup.policy": "delete", "retention.ms": str(t.retention_ms)}
+        return {"cleanup.policy": "compact", **durability}
+    return {"cleanup.policy": "delete", "retention.ms": str(t.retention_ms), **durability}
 
 
 def markdown_table() -> str:

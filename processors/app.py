@@ -32,6 +32,7 @@ import faust
 import faust.streams as faust_streams
 from aiokafka import AIOKafkaProducer
 
+from ingest.kafka_connection import faust_credentials, security_options
 from ingest.metrics import DEAD_LETTERS, DEVICES_OVER_CAP
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
@@ -110,6 +111,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     app = faust.App(
         "millimetric-processor",
         broker=f"kafka://{bootstrap}",
+        broker_credentials=faust_credentials(settings),
         store="rocksdb://" if persistent else "memory://",
         # The local store may be ahead of a broker that lost its topics (`dev`'s in-memory
         # broker after a restart): keep the local tables rather than refuse to start.
@@ -281,6 +283,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         # and every send of the step is awaited before take_events acks it.
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
+            **security_options(settings),
             acks="all",
             enable_idempotence=settings.kafka_idempotence,
             linger_ms=settings.kafka_linger_ms,

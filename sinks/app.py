@@ -20,13 +20,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from ingest.kafka_connection import security_options
 from ingest.metrics import DEAD_LETTERS
 from ingest.records import decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 from sinks.batch import EventBatch
-from sinks.clickhouse import ClickHouse, Refusal, connect, refusal
+from sinks.clickhouse import ClickHouse, Refusal, open_configured, refusal
 from sinks.clickhouse_writer import EventWriter
 from sinks.erasure import ErasureExecutor, ErasureFilter, execute_erasures, follow
 from sinks.migrate import apply_retention, migrate
@@ -64,15 +65,20 @@ class Sink:
         self.batch = EventBatch()
         self._lock = asyncio.Lock()
         self._storing: asyncio.Task[None] | None = None
+        self.security = security_options(settings)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **self.security,
             group_id=GROUP_ID,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", enable_idempotence=settings.kafka_idempotence
+            bootstrap_servers=bootstrap,
+            **self.security,
+            acks="all",
+            enable_idempotence=settings.kafka_idempotence,
         )
         self.inserted = 0
 
@@ -81,7 +87,11 @@ class Sink:
         await asyncio.to_thread(migrate, self.ch)
         log.info(await asyncio.to_thread(apply_retention, self.ch, self.settings.retention_days))
         await ensure_topics(
-            self.bootstrap, self.settings.kafka_replication_factor, ["enriched", "dead_letter"]
+            self.bootstrap,
+            self.settings.kafka_replication_factor,
+            ["enriched", "dead_letter"],
+            min_insync_replicas=self.settings.kafka_min_insync_replicas,
+            security=self.security,
         )
         await self.producer.start()
         self.consumer.subscribe([self.enriched.name], listener=_FlushOnRevoke(self))
@@ -244,9 +254,7 @@ async def _connect(settings: Settings) -> ClickHouse:
     """Connect, waiting while the server is down or another process briefly holds the store."""
 
     async def attempt() -> ClickHouse:  # a coroutine function: tenacity awaits only those
-        return await asyncio.to_thread(
-            connect, settings.clickhouse_url, settings.data_dir, settings.clickhouse_cluster
-        )
+        return await asyncio.to_thread(open_configured, settings)
 
     return await retrying("clickhouse_connect", attempt, attempts=60, max_delay_s=2.0)
 
@@ -265,8 +273,10 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     executor = ErasureExecutor(ch, erasures, settings.forget_grace_s)
     tasks = [
         sink.run(stop),
-        follow(bootstrap, erasures, stop),
-        execute_erasures(bootstrap, executor, erasures, sink.producer, stop),
+        follow(bootstrap, erasures, stop, security=sink.security),
+        execute_erasures(
+            bootstrap, executor, erasures, sink.producer, stop, security=sink.security
+        ),
     ]
     if settings.clickhouse_url is None:
         tasks.append(serve_sql(ch, settings.data_dir, stop))

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlparse
 
+from pydantic import SecretStr
+
+from ingest.settings import Settings
+
 # Feature -> first server version that has it. The Debian 18.16 server lacks all of these.
 FEATURE_VERSIONS: dict[str, tuple[int, int]] = {
     "datetime64": (20, 1),
@@ -138,7 +142,17 @@ class ServerClickHouse:
     """A ClickHouse server over the native protocol (clickhouse-driver); with `cluster`, one
     member of that cluster, the database created on all of them."""
 
-    def __init__(self, url: str, cluster: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        cluster: str | None = None,
+        *,
+        password: SecretStr | None = None,
+        secure: bool = False,
+        ca_certs: Path | None = None,
+    ) -> None:
+        """Connect to `url` (`clickhouse://user@host:port/db`); `password` overrides the URL's,
+        `secure` speaks TLS (verifying the server against `ca_certs`, else the system's CAs)."""
         from clickhouse_driver import Client
 
         if cluster is not None and not re.fullmatch(r"\w+", cluster):
@@ -146,20 +160,26 @@ class ServerClickHouse:
         parsed = urlparse(url)
         self.database = parsed.path.lstrip("/") or "default"
         self.cluster = cluster
-        self.description = f"clickhouse://{parsed.hostname}:{parsed.port or 9000}/{self.database}"
-        if cluster:
-            self.description += f" (cluster {cluster})"
-        self._credentials = {
-            "user": unquote(parsed.username or "default"),
-            "password": unquote(parsed.password or ""),
-        }
-        bootstrap = Client(
-            host=parsed.hostname or "127.0.0.1", port=parsed.port or 9000, **self._credentials
+        default_port = 9440 if secure else 9000
+        self.description = (
+            f"clickhouse://{parsed.hostname}:{parsed.port or default_port}/{self.database}"
+            + (" (TLS)" if secure else "")
+            + (f" (cluster {cluster})" if cluster else "")
         )
+        self._credentials: dict[str, Any] = dict(
+            user=unquote(parsed.username or "default"),
+            password=(password.get_secret_value() if password else unquote(parsed.password or "")),
+            secure=secure,
+            verify=True,
+            ca_certs=str(ca_certs) if ca_certs else None,
+            connect_timeout=5,
+        )
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or default_port
+        bootstrap = Client(host=host, port=port, **self._credentials)
         on_cluster = f" ON CLUSTER {cluster}" if cluster else ""
         bootstrap.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}{on_cluster}")
         bootstrap.disconnect()
-        self._client = self._connect(parsed.hostname or "127.0.0.1", parsed.port or 9000)
+        self._client = self._connect(host, port)
         self._lock = threading.Lock()  # the driver's client is not thread-safe
         self.features = Features(_version(self._client.execute("SELECT version()")[0][0]))
 
@@ -174,7 +194,6 @@ class ServerClickHouse:
             port=port,
             database=self.database,
             send_receive_timeout=60,
-            connect_timeout=5,
             settings=settings,
             **self._credentials,
         )
@@ -276,11 +295,17 @@ class EmbeddedClickHouse:
         self._session.close()
 
 
-def connect(url: str | None, data_dir: Path, cluster: str | None = None) -> ClickHouse:
-    """The configured ClickHouse: a server (a member of `cluster`, if given) when `url` is
-    set, else chdb in `data_dir`."""
-    if url:
-        return ServerClickHouse(url, cluster)
-    if cluster:
+def open_configured(settings: Settings) -> ClickHouse:
+    """The configured ClickHouse: a server (a member of `clickhouse_cluster`, if set; with the
+    settings' password and TLS) when `clickhouse_url` is set, else chdb in the data dir."""
+    if settings.clickhouse_url:
+        return ServerClickHouse(
+            settings.clickhouse_url,
+            settings.clickhouse_cluster,
+            password=settings.clickhouse_password,
+            secure=settings.clickhouse_secure,
+            ca_certs=settings.clickhouse_ca_certs,
+        )
+    if settings.clickhouse_cluster:
         raise ValueError("MILLIMETRIC_CLICKHOUSE_CLUSTER needs MILLIMETRIC_CLICKHOUSE_URL")
-    return EmbeddedClickHouse(data_dir / "clickhouse")
+    return EmbeddedClickHouse(settings.data_dir / "clickhouse")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ingest.kafka_connection import Security
 from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.topics import topic
 from sinks.batch import EventBatch
@@ -77,9 +78,13 @@ class ErasureFilter:
         )
 
 
-async def follow(bootstrap: str, erasures: ErasureFilter, stop: asyncio.Event) -> None:
+async def follow(
+    bootstrap: str, erasures: ErasureFilter, stop: asyncio.Event, *, security: Security = None
+) -> None:
     """Keep `erasures` current from the erasures topic (all partitions, from the start)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, **(security or {}), enable_auto_commit=False
+    )
     await consumer.start()
     name = topic("erasures").name
     consumer.assign([TopicPartition(name, p) for p in range(topic("erasures").partitions)])
@@ -216,12 +221,15 @@ async def execute_erasures(
     erasures: ErasureFilter,
     producer: AIOKafkaProducer,
     stop: asyncio.Event,
+    *,
+    security: Security = None,
 ) -> None:
     """One sink of the group carries out each erasure; its outcome goes on the keys topic (so
     every gateway can answer for it) before its offset is committed."""
     consumer = AIOKafkaConsumer(
         topic("erasures").name,
         bootstrap_servers=bootstrap,
+        **(security or {}),
         group_id=EXECUTOR_GROUP,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -67,7 +67,7 @@ class GatewayProcess:
 
     def knows(self, key: str) -> bool:
         """Whether this gateway accepts the key (an empty body publishes nothing)."""
-        return self.track(key, {}).json()["error"] != "invalid_api_key"
+        return self.track(key, {}).json()["error"] not in ("invalid_api_key", "keys_loading")
 
 
 def wait(check, timeout: float = 10.0) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from ingest.metrics import GAVE_UP, RETRIES
@@ -58,3 +60,31 @@ async def test_bounded_attempts_give_up_with_the_last_error() -> None:
         await retrying("never", never, attempts=3, first_delay_s=0.001)
     assert calls == 3
     assert _count(GAVE_UP, "never") == 1
+
+
+async def test_a_lambda_returning_an_awaitable_is_awaited_and_retried() -> None:
+    calls = 0
+
+    async def flaky(value: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 2:
+            raise ConnectionError("down")
+        return value
+
+    assert await retrying("lambda", lambda: flaky("up"), first_delay_s=0.001) == "up"
+    assert calls == 2
+
+
+async def test_cancellation_is_not_retried() -> None:
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(retrying("cancelled", forever, first_delay_s=0.001))
+    await started.wait()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done == {task} and task.cancelled()  # not caught and retried as a failure
