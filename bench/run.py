@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import end_to_end, gateway, processor, sink
+from bench import end_to_end, forget, gateway, processor, sink
 from bench.table import Row, markdown, write_json
 
 
@@ -24,10 +24,11 @@ class Sizes:
     seconds: float  # each load of the gateway and end-to-end benches
     processor_events: int
     sink_rows: int
+    forgets: int
 
 
-QUICK = Sizes(seconds=6, processor_events=20_000, sink_rows=60_000)
-FULL = Sizes(seconds=20, processor_events=100_000, sink_rows=300_000)
+QUICK = Sizes(seconds=6, processor_events=20_000, sink_rows=60_000, forgets=200)
+FULL = Sizes(seconds=20, processor_events=100_000, sink_rows=300_000, forgets=1_000)
 
 
 def machine() -> str:
@@ -58,6 +59,7 @@ def main(quick: bool, json_path: Path | None) -> int:
     rows += proc_rows
     sink_rows, sink_rps = sink.run(root / "sink", sizes.sink_rows)
     rows += sink_rows
+    rows += forget.run(root / "forget", sizes.forgets)
     slowest = min(gw.batch_eps, proc_eps, sink_rps)
     rows += end_to_end.run(root / "end_to_end", sizes.seconds, slowest)
     print(markdown(rows))

@@ -241,6 +241,7 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     sink = Sink(settings, bootstrap, ch, erasures)
     await sink.start()
     log.info("sink writing to %s", ch.description)
+    await ensure_topics(bootstrap, settings.kafka_replication_factor, ["erasures", "keys"])
     await asyncio.to_thread(erasures.load_suppressions, ch)
     follower = asyncio.ensure_future(follow(bootstrap, erasures, stop))
     # No insert before the filter knows every erasure: it could write a forgotten person back.

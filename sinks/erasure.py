@@ -268,7 +268,7 @@ class ErasureExecutor:
             for f in forgets
         ]
 
-    def _tally(self, forgets: list[Forget], what: str, rows: list[list[str]]) -> None:
+    def _tally(self, forgets: list[Forget], what: str, rows: list[tuple[str, ...]]) -> None:
         """Add each (project, user_id, anonymous_id, count) row to the forgets it belongs to."""
         for project, user_id, anonymous_id, count in rows:
             for f in forgets:
@@ -283,9 +283,15 @@ class ErasureExecutor:
         states = chunks(
             devices, users, "finalizeAggregation(anonymous_id)", "finalizeAggregation(user_id)"
         )
-        count = "SELECT project, user_id, anonymous_id, count() FROM {} WHERE {} GROUP BY 1, 2, 3"
-        events = [r for w in plain for r in self._rows(count.format("events", w))]
-        identities = [r for w in plain for r in self._rows(count.format("identities", w))]
+        count = (
+            "SELECT project, user_id, anonymous_id, count() FROM {} WHERE {} "
+            "GROUP BY project, user_id, anonymous_id"
+        )
+        # A group (project, user_id, anonymous_id) matches a chunk whole: keep it once.
+        events = list({tuple(r) for w in plain for r in self._rows(count.format("events", w))})
+        identities = list(
+            {tuple(r) for w in plain for r in self._rows(count.format("identities", w))}
+        )
         session_rows = [
             r
             for w in plain

@@ -94,9 +94,9 @@ async def follow(bootstrap: str, erasures: ErasureFilter, stop: asyncio.Event) -
             for messages in (await consumer.getmany(timeout_ms=300)).values():
                 for message in messages:
                     erasures.add(decode(message.value))
-            if not erasures.ready.is_set() and all(
-                await consumer.position(tp) >= end for tp, end in ends.items()
-            ):
-                erasures.ready.set()
+            if not erasures.ready.is_set():
+                positions = [await consumer.position(tp) for tp in ends]
+                if all(at >= end for at, end in zip(positions, ends.values(), strict=True)):
+                    erasures.ready.set()
     finally:
         await consumer.stop()
