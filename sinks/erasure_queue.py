@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from functools import partial
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -166,7 +167,7 @@ class ErasureQueue:
 
     async def _finish(self, items: list[_Item], statuses: list[ForgetStatusRecord]) -> None:
         for status in statuses:
-            await retrying("forget status", lambda s=status: self._publish(s))  # type: ignore[misc]
+            await retrying("forget status", partial(self._publish, status))
         for tp, offset, _ in items:
             self._open.get(tp, {}).pop(offset, None)
 

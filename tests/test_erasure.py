@@ -35,7 +35,7 @@ def store(request: pytest.FixtureRequest) -> str | None:
 def sink(fresh_broker: str, store: str | None, data_dir: Path) -> Iterator[Pipeline]:
     asyncio.run(ensure_topics(fresh_broker))
     p = Pipeline(fresh_broker, store, data_dir, ENV).start("sink")
-    p.wait_for("SELECT count() FROM suppressions", "0\n")  # migrated and serving
+    p.wait_for("SELECT count() FROM forget_audit", "0\n")  # migrated and serving
     yield p
     p.stop()
 
