@@ -108,7 +108,7 @@ class ErasureQueue:
             e["forget_id"] for _, _, e in todo
         ):
             await asyncio.sleep(0.1)  # our own filter has them before the grace period starts
-        if todo:
+        if todo and not stop.is_set():
             await self._carry_out(todo)
 
     async def _carry_out(self, items: list[_Item]) -> None:

@@ -207,8 +207,8 @@ def test_a_restarted_sink_inserts_only_after_reading_every_erasure(
 ) -> None:
     asyncio.run(ensure_topics(fresh_broker))
     p = Pipeline(fresh_broker, None, data_dir, ENV)
-    # Many erasures ahead of the one that matters, so reading them all takes a while.
-    filler = [erasure(f"u{i}", (f"d{i}",)) for i in range(20_000)]
+    # Large erasures ahead of the one that matters, so reading them all takes a while.
+    filler = [erasure(f"u{i}", tuple(f"{uuid.uuid4()}" for _ in range(10_000))) for i in range(150)]
     target = erasure("ivy", ("ivy-phone",))
     target["cutoff"] += 3_600_000  # events received within the hour are erased
     send(p, "erasures", [*filler, target])
@@ -226,6 +226,8 @@ def test_only_this_forgets_mutations_are_waited_for(sink: Pipeline) -> None:
     sink.sql("CREATE TABLE stuck (x UInt8) ENGINE = MergeTree ORDER BY x")
     sink.sql("INSERT INTO stuck SELECT 1")
     sink.sql("ALTER TABLE stuck DELETE WHERE throwIf(x = 1)")  # fails on every try: never done
+    send(sink, "enriched", [event("kim-phone", "kim")])
+    sink.wait_for("SELECT count() FROM events", "1\n")
     forget = erasure("kim")
     send(sink, "erasures", [forget])
     wait_done(sink, forget["forget_id"])
