@@ -241,15 +241,15 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     sink = Sink(settings, bootstrap, ch, erasures)
     await sink.start()
     log.info("sink writing to %s", ch.description)
+    executor = ErasureExecutor(
+        ch, audit_key(settings), settings.forget_grace_s, settings.forget_mutation_timeout_s
+    )
     await ensure_topics(bootstrap, settings.kafka_replication_factor, ["erasures", "keys"])
     await asyncio.to_thread(erasures.load_suppressions, ch)
     follower = asyncio.ensure_future(follow(bootstrap, erasures, stop))
     # No insert before the filter knows every erasure: it could write a forgotten person back.
     await asyncio.wait({follower, asyncio.ensure_future(erasures.ready.wait())},
                        return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-    executor = ErasureExecutor(
-        ch, audit_key(settings), settings.forget_grace_s, settings.forget_mutation_timeout_s
-    )
     queue = ErasureQueue(settings, bootstrap, executor, erasures, sink.producer)
     tasks = [sink.run(stop), follower, queue.run(stop)]
     if settings.clickhouse_url is None:

@@ -20,19 +20,18 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ingest.records import Erasure, ForgetStatusRecord
 from ingest.secret_file import read_or_create
 from ingest.settings import Settings
 from sinks.clickhouse import ClickHouse
+from sinks.erasure_sql import chunks, quote
 from sinks.migrate import migrations, statements
 
 log = logging.getLogger(__name__)
 
-# Bytes of literals per statement: far below max_query_size (256 KiB by default).
-CHUNK_BYTES = 64 * 1024
 # Passes of delete-then-check: a straggler landing after a delete is caught by the next one.
 PASSES = 5
 
@@ -49,42 +48,6 @@ def audit_key(settings: Settings) -> bytes:
 
 class MutationsPending(Exception):
     """The deletes were issued but ClickHouse did not finish them within the timeout."""
-
-
-def quote(value: str) -> str:
-    """A ClickHouse string literal."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _pair(project: str, value: str) -> str:
-    return f"({quote(project)}, {quote(value)})"
-
-
-def chunks(
-    devices: Iterable[tuple[str, str]], users: Iterable[tuple[str, str]], device: str, user: str
-) -> list[str]:
-    """WHERE conditions matching (project, `device`) or (project, `user`) pairs, each statement's
-    literals within CHUNK_BYTES."""
-    out: list[str] = []
-    for column, pairs in ((device, sorted(set(devices))), (user, sorted(set(users)))):
-        part: list[str] = []
-        size = 0
-        for project, value in pairs:
-            literal = _pair(project, value)
-            if part and size + len(literal) > CHUNK_BYTES:
-                out.append(_tuple_in(column, part))
-                part, size = [], 0
-            part.append(literal)
-            size += len(literal) + 2
-        if part:
-            out.append(_tuple_in(column, part))
-    return out
-
-
-def _tuple_in(column: str, literals: list[str]) -> str:
-    # One tuple alone would read as a tuple of scalars: repeat it to keep a set of tuples.
-    listed = literals if len(literals) > 1 else literals * 2
-    return f"(project, {column}) IN ({', '.join(listed)})"
 
 
 @dataclass
@@ -127,6 +90,7 @@ class ErasureExecutor:
         self._session_columns = columns
         self._session_select = statements(select, ch.features)[0]
         self._unfinished: dict[str, set[str]] = {}  # table -> our mutations still running
+        self._carried: dict[str, dict[str, int]] = {}  # forget_id -> counts of a timed-out try
 
     def _rows(self, sql: str) -> list[list[str]]:
         return [line.split("\t") for line in self._ch.query_tsv(sql).splitlines()]
@@ -238,6 +202,29 @@ class ErasureExecutor:
         self._suppress(erasures)
         self.wait_for_mutations(sleep)  # deletes an earlier attempt left running come first
         forgets = [Forget(e, set(e["anonymous_ids"])) for e in erasures]
+        for f in forgets:  # what an attempt that timed out deleted counts too
+            f.counts.update(self._carried.pop(f.erasure["forget_id"], {}))
+        try:
+            self._delete_all(forgets, sleep)
+        except MutationsPending:
+            self._carried.update((f.erasure["forget_id"], f.counts) for f in forgets)
+            raise
+        self.audit(forgets, "done")
+        log.info("%d forgets done", len(forgets))
+        now = int(time.time() * 1000)
+        return [
+            status_record(
+                f.erasure["forget_id"],
+                f.erasure["project"],
+                "done",
+                [len(f.devices), *f.counts.values(), f.erasure["requested_at"], now, 0],
+                "",
+            )
+            for f in forgets
+        ]
+
+    def _delete_all(self, forgets: list[Forget], sleep: Callable[[float], None]) -> None:
+        erasures = [f.erasure for f in forgets]
         users = [(e["project"], e["user_id"]) for e in erasures if e["user_id"] is not None]
         # Devices the warehouse links to the users too, should processor state lag.
         for table in ("events", "identities"):
@@ -254,19 +241,6 @@ class ErasureExecutor:
             if not self._pass(forgets, devices, users):
                 break
             sleep(self._grace)  # a straggling insert from before the filter lands by now
-        self.audit(forgets, "done")
-        log.info("%d forgets done", len(forgets))
-        now = int(time.time() * 1000)
-        return [
-            status_record(
-                f.erasure["forget_id"],
-                f.erasure["project"],
-                "done",
-                [len(f.devices), *f.counts.values(), f.erasure["requested_at"], now, 0],
-                "",
-            )
-            for f in forgets
-        ]
 
     def _tally(self, forgets: list[Forget], what: str, rows: list[tuple[str, ...]]) -> None:
         """Add each (project, user_id, anonymous_id, count) row to the forgets it belongs to."""

@@ -19,7 +19,6 @@ from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse
 
 FOREVER = 2**63
-KINDS = ("user", "device")  # `suppressions.kind`: a user_id or an anonymous_id
 
 
 @dataclass

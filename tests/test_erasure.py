@@ -236,3 +236,50 @@ def test_only_this_forgets_mutations_are_waited_for(sink: Pipeline) -> None:
 def test_dead_letters_are_kept_no_longer_than_raw_events() -> None:
     # A forget cannot reach records on a Kafka topic: they expire with the raw topic's IPs.
     assert TOPICS["dead_letter"].retention_ms <= TOPICS["raw"].retention_ms
+
+
+def keys_records(bootstrap: str) -> list[dict]:
+    """Every record on the keys topic so far."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from ingest.records import decode
+
+    async def read() -> list[dict]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        tp = TopicPartition(topic("keys").name, 0)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        out: list[dict] = []
+        try:
+            while await consumer.position(tp) < end:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    out += [decode(m.value) for m in messages]
+        finally:
+            await consumer.stop()
+        return out
+
+    return asyncio.run(read())
+
+
+def test_a_delete_outlasting_the_timeout_is_reported_then_finished(
+    fresh_broker: str, ch_url: str, data_dir: Path
+) -> None:
+    asyncio.run(ensure_topics(fresh_broker))
+    env = {**ENV, "MILLIMETRIC_FORGET_MUTATION_TIMEOUT_S": "0"}  # the server's deletes are async
+    p = Pipeline(fresh_broker, ch_url, data_dir, env).start("sink")
+    try:
+        send(p, "enriched", [event("lou-phone", "lou")])
+        p.wait_for("SELECT count() FROM events", "1\n")
+        forget = erasure("lou")
+        send(p, "erasures", [forget])
+        assert wait_done(p, forget["forget_id"])["events_deleted"] == 1
+        reasons = [
+            r["reason"]
+            for r in keys_records(fresh_broker)
+            if r.get("forget_id") == forget["forget_id"] and r["status"] == "pending"
+        ]
+        assert reasons and "still running after 0s" in reasons[0], reasons
+        assert p.sql("SELECT count() FROM events") == "0\n"
+    finally:
+        p.stop()
