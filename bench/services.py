@@ -190,6 +190,7 @@ def stage_env(bootstrap: str, data_dir: Path, **extra: str) -> dict[str, str]:
         "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
         "MILLIMETRIC_IP_SALT": "bench-salt",
+        "MILLIMETRIC_FORGET_AUDIT_KEY": "bench-audit-key",
         "MILLIMETRIC_DATA_DIR": str(data_dir),
         "MILLIMETRIC_LOG_LEVEL": "WARNING",
         **extra,

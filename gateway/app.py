@@ -113,6 +113,10 @@ async def _forget_status(request: Request) -> Response:
     status = gw.keys.forget_status(who.project, forget_id)
     if status is None:
         return json_response({"ok": True, "forget_id": forget_id, "status": "pending"}, 200)
+    if status["status"] != "done":  # a sink is retrying it: say why
+        body = {"status": status["status"], "reason": status.get("reason", "")}
+        body["attempts"] = status.get("attempts", 0)
+        return json_response({"ok": True, "forget_id": forget_id, **body}, 200)
     counts = ("anonymous_ids", "events_deleted", "sessions_deleted", "identities_deleted")
     return json_response(
         {

@@ -42,11 +42,14 @@ class ForgetAccepted(_Strict):
 
 
 class ForgetStatus(_Strict):
-    """GET /v1/forget/{forget_id}: `pending` until a sink carried it out, then `done`."""
+    """GET /v1/forget/{forget_id}: `pending` until a sink carried it out, then `done`. A forget
+    a sink is retrying is `pending` with the `reason` of its last failure and its `attempts`."""
 
     ok: Literal[True]
     forget_id: str
     status: Literal["pending", "done"]
+    reason: str | None = None
+    attempts: int | None = None
     anonymous_ids: int | None = None
     events_deleted: int | None = None
     sessions_deleted: int | None = None

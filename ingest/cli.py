@@ -195,6 +195,8 @@ FORGET_STATUS_COLUMNS = (
     "events_deleted",
     "sessions_deleted",
     "identities_deleted",
+    "attempts",
+    "reason",
 )
 
 
@@ -208,12 +210,17 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
             f"SELECT {', '.join(FORGET_STATUS_COLUMNS)} FROM forget_audit FINAL "
             f"WHERE forget_id = '{forget_id}'"
         ),
-    ).split()
+    ).rstrip("\n")
     if not row:  # accepted but not picked up by a sink yet, or unknown
         print(json.dumps({"forget_id": forget_id, "status": "pending"}))
         return 0
-    status: dict[str, Any] = {"forget_id": forget_id, "status": row[0]}
-    status |= {name: int(v) for name, v in zip(FORGET_STATUS_COLUMNS[1:], row[1:], strict=True)}
+    *values, reason = row.split("\t")
+    status: dict[str, Any] = {"forget_id": forget_id, "status": values[0]}
+    status |= {
+        name: int(v) for name, v in zip(FORGET_STATUS_COLUMNS[1:-1], values[1:], strict=True)
+    }
+    if reason:
+        status["reason"] = reason
     if status["status"] == "done":
         status["duration_ms"] = status["completed_at_ms"] - status["requested_at_ms"]
     print(json.dumps(status))

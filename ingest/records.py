@@ -128,13 +128,16 @@ class Erasure(TypedDict):
 
 class ForgetStatusRecord(TypedDict):
     """A forget's outcome, put on the keys topic (which every gateway follows) by the sink that
-    carried it out. Keyed `forget:{forget_id}`."""
+    carried it out, or by the one retrying it (`pending`, with the reason). Keyed
+    `forget:{forget_id}`."""
 
     v: int
     record: Literal["forget_status"]
     forget_id: str
     project: str
-    status: Literal["done"]
+    status: Literal["pending", "done"]
+    reason: str  # why it is still pending ("" once done)
+    attempts: int
     anonymous_ids: int
     events_deleted: int
     sessions_deleted: int

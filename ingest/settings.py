@@ -224,6 +224,25 @@ class Settings(BaseSettings):
         description="How long a forget waits for every sink to filter the person before "
         "deleting, and again before checking nothing landed after the delete.",
     )
+    forget_batch_max: int = Field(
+        500,
+        description="Most forgets carried out together: one grace period and one delete per "
+        "table for all of them.",
+    )
+    forget_mutation_timeout_s: float = Field(
+        300.0,
+        description="Longest a forget waits for its own ClickHouse deletes (mutations) to "
+        "finish; past it the forget stays `pending` with that reason and is checked again.",
+    )
+    forget_retry_max_s: float = Field(
+        300.0, description="Cap of the backoff between attempts of a forget that failed."
+    )
+    forget_audit_key: SecretStr | None = Field(
+        None,
+        description="Secret key of the HMAC-SHA256 that `forget_audit` keeps of each subject. "
+        "Required by `sink` with a ClickHouse server; with embedded chdb, one is generated "
+        "into `<data_dir>/forget_audit_key` when unset.",
+    )
     retention_days: int | None = Field(
         None,
         description="Days `events` keeps rows (a TTL, on servers that have TTL); unset: "

@@ -48,8 +48,9 @@ TOPICS: dict[str, Topic] = {
         "stage",
         1,
         False,
-        30 * DAY_MS,
-        "Records a stage could not decode or ClickHouse refused, with the reason.",
+        7 * DAY_MS,
+        "Records a stage could not decode or ClickHouse refused, with the reason. They may hold "
+        "personal data, which a forget does not reach: kept no longer than the raw topic.",
     ),
     "keys": Topic(
         "millimetric.keys",
@@ -84,7 +85,8 @@ TOPICS: dict[str, Topic] = {
         False,
         30 * DAY_MS,
         "Forgets resolved to every anonymous_id of the person, with their cutoff: each sink "
-        "filters them out of its inserts, one sink deletes them. Retention must exceed raw's.",
+        "filters them out of its inserts, one sink deletes them. Retention must exceed raw's; "
+        "suppressions outlive it in the `suppressions` table.",
     ),
 }
 

@@ -20,11 +20,13 @@ Tables live in RocksDB files under `<data_dir>/processor-tables` (or in memory, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import tomllib
 import weakref
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from ingest.kafka_connection import faust_credentials, security_options
 from ingest.metrics import DEAD_LETTERS, DEVICES_OVER_CAP
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
+from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import require
 from processors.classify import Classifier
@@ -339,36 +342,44 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         async for event in stream.events():
             try:
                 request: ForgetRequest = decode(event.value)
-                project = request["project"]
-                devices: set[str] = set()
-                if request["user_id"] is not None:
+                project, user_id = request["project"], request["user_id"]
+                devices = {request["anonymous_id"]} - {None}
+                if user_id is not None:
                     devices.update(decode(user_devices.pop(event.key, None) or b"[]"))
-                if request["anonymous_id"] is not None:
-                    devices.add(request["anonymous_id"])
-                for anonymous_id in sorted(devices):
-                    control: ForgetControl = {
-                        "v": 1,
-                        "type": "forget",
-                        "project": project,
-                        "anonymous_id": anonymous_id,
-                        "forget_id": request["forget_id"],
-                    }
-                    await raw_topic.send(
-                        key=f"{project}:{anonymous_id}".encode(), value=encode(control)
-                    )
                 erasure: Erasure = {
                     "v": 1,
                     "forget_id": request["forget_id"],
                     "project": project,
-                    "user_id": request["user_id"],
-                    "anonymous_ids": sorted(devices),
+                    "user_id": user_id,
+                    "anonymous_ids": sorted(devices),  # type: ignore[arg-type]
                     "cutoff": request["received_at"],
                     "suppress": request["suppress"],
                     "requested_at": request["received_at"],
                 }
-                await erasures_topic.send(key=event.key, value=encode(erasure))
-            except Exception as error:
+            except (ValueError, KeyError, TypeError) as error:  # not a forget: nothing to retry
                 await dead_letter(event.value, error)
+                continue
+            # A broker hiccup must not drop a forget (the event is acked after this body).
+            await retrying("forget publish", partial(publish_forget, event.key, erasure))
+
+    async def publish_forget(key: bytes, erasure: Erasure) -> None:
+        """The control records (one per device) and the erasure, delivered, not only queued."""
+        sent = []
+        for anonymous_id in erasure["anonymous_ids"]:
+            control: ForgetControl = {
+                "v": 1,
+                "type": "forget",
+                "project": erasure["project"],
+                "anonymous_id": anonymous_id,
+                "forget_id": erasure["forget_id"],
+            }
+            sent.append(
+                await raw_topic.send(
+                    key=f"{erasure['project']}:{anonymous_id}".encode(), value=encode(control)
+                )
+            )
+        sent.append(await erasures_topic.send(key=key, value=encode(erasure)))
+        await asyncio.gather(*sent)
 
     return app
 

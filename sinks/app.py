@@ -29,7 +29,9 @@ from ingest.topics import ensure_topics, require
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse, Refusal, open_configured, refusal
 from sinks.clickhouse_writer import EventWriter
-from sinks.erasure import ErasureExecutor, ErasureFilter, execute_erasures, follow
+from sinks.erasure import ErasureExecutor, audit_key
+from sinks.erasure_filter import ErasureFilter, follow
+from sinks.erasure_queue import ErasureQueue
 from sinks.migrate import apply_retention, migrate
 from sinks.sql_endpoint import serve as serve_sql
 
@@ -270,14 +272,23 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     sink = Sink(settings, bootstrap, ch, erasures)
     await sink.start()
     log.info("sink writing to %s", ch.description)
-    executor = ErasureExecutor(ch, erasures, settings.forget_grace_s)
-    tasks = [
-        sink.run(stop),
-        follow(bootstrap, erasures, stop, security=sink.security),
-        execute_erasures(
-            bootstrap, executor, erasures, sink.producer, stop, security=sink.security
-        ),
-    ]
+    executor = ErasureExecutor(
+        ch, audit_key(settings), settings.forget_grace_s, settings.forget_mutation_timeout_s
+    )
+    await ensure_topics(
+        bootstrap,
+        settings.kafka_replication_factor,
+        ["erasures", "keys"],
+        min_insync_replicas=settings.kafka_min_insync_replicas,
+        security=sink.security,
+    )
+    await asyncio.to_thread(erasures.load_suppressions, ch)
+    follower = asyncio.ensure_future(follow(bootstrap, erasures, stop, security=sink.security))
+    # No insert before the filter knows every erasure: it could write a forgotten person back.
+    await asyncio.wait({follower, asyncio.ensure_future(erasures.ready.wait())},
+                       return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    queue = ErasureQueue(settings, bootstrap, executor, erasures, sink.producer)
+    tasks = [sink.run(stop), follower, queue.run(stop)]
     if settings.clickhouse_url is None:
         tasks.append(serve_sql(ch, settings.data_dir, stop))
     try:

@@ -1,259 +1,330 @@
-"""Forget, in the warehouse: every sink filters erased people out of its inserts, and one sink
-deletes what was already written.
+"""Forget, in the warehouse: delete what was already written of forgotten people.
 
-Each sink follows the erasures topic from its start and drops, before every insert attempt,
-the rows of a forgotten person (their user_id, or any of their anonymous_ids) received up to the
-forget's cutoff (any time, with `suppress`). In-flight events therefore never land after the
-delete, whichever order they and the forget reach the sinks. The executor (consumer group
-`millimetric-erasure`, so one sink carries out each forget) waits a grace period for every sink
-to have seen the forget, deletes with what the server offers, waits for the deletes to finish,
-checks nothing is left (deleting again if a straggler landed), and records the outcome.
+Every sink filters erased people out of its inserts (sinks/erasure_filter.py); one sink (see
+sinks/erasure_queue.py) carries out the deletes, for many forgets at once: it records
+suppressions where they never expire, waits one grace period for every sink to have the filter,
+deletes the people's rows from `events`, `identities` and `sessions` (one delete per table for
+the whole batch, split so no statement nears ClickHouse's max_query_size), waits for its own
+deletes only and no longer than a setting, waits again and checks nothing is left (deleting
+again if a straggler landed), and records each outcome in `forget_audit`.
+
+`sessions` rows are found by the person's ids directly, as well as through `events`, so they go
+even after `events` retention dropped the events. A session_id several people share (clients set
+it) is deleted and rebuilt from the events that remain, so the others keep theirs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
+import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
-from ingest.kafka_connection import Security
-from ingest.records import Erasure, ForgetStatusRecord, decode, encode
-from ingest.topics import topic
-from sinks.batch import EventBatch
+from ingest.records import Erasure, ForgetStatusRecord
+from ingest.secret_file import read_or_create
+from ingest.settings import Settings
 from sinks.clickhouse import ClickHouse
+from sinks.erasure_sql import chunks, quote
+from sinks.migrate import migrations, statements
 
 log = logging.getLogger(__name__)
 
-EXECUTOR_GROUP = "millimetric-erasure"
-FOREVER = 2**63
+# Passes of delete-then-check: a straggler landing after a delete is caught by the next one.
+PASSES = 5
+
+
+def audit_key(settings: Settings) -> bytes:
+    """The forget_audit HMAC key: the setting, or (embedded chdb: one machine) one generated
+    into the data directory. A ClickHouse server is shared by several sinks: the setting."""
+    if settings.forget_audit_key is not None:
+        return settings.forget_audit_key.get_secret_value().encode()
+    if settings.clickhouse_url is not None:
+        raise ValueError("MILLIMETRIC_FORGET_AUDIT_KEY is required with a ClickHouse server")
+    return read_or_create(settings.data_dir / "forget_audit_key").encode()
+
+
+class MutationsPending(Exception):
+    """The deletes were issued but ClickHouse did not finish them within the timeout."""
 
 
 @dataclass
-class _Person:
-    users: dict[str, int] = field(default_factory=dict)  # user_id -> cutoff
-    devices: dict[str, int] = field(default_factory=dict)  # anonymous_id -> cutoff
+class Forget:
+    erasure: Erasure
+    devices: set[str]
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"events": 0, "sessions": 0, "identities": 0}
+    )
 
-
-class ErasureFilter:
-    """Who is forgotten, per project, with the instant up to which their events are erased."""
-
-    def __init__(self) -> None:
-        self._projects: dict[str, _Person] = {}
-        self.seen: set[str] = set()
-
-    def add(self, erasure: Erasure) -> None:
-        """Learn one erasure."""
-        cutoff = FOREVER if erasure["suppress"] else erasure["cutoff"]
-        person = self._projects.setdefault(erasure["project"], _Person())
-        if erasure["user_id"] is not None:
-            person.users[erasure["user_id"]] = max(cutoff, person.users.get(erasure["user_id"], 0))
-        for anonymous_id in erasure["anonymous_ids"]:
-            person.devices[anonymous_id] = max(cutoff, person.devices.get(anonymous_id, 0))
-        self.seen.add(erasure["forget_id"])
-
-    def apply(self, batch: EventBatch) -> EventBatch:
-        """The batch without the rows of forgotten people (the same batch when none)."""
-        if not self._projects:
-            return batch
-        c = batch.columns
-        keep = [
-            not self._erased(p, u, a, r)
-            for p, u, a, r in zip(
-                c["project"], c["user_id"], c["anonymous_id"], c["received_at"], strict=True
-            )
-        ]
-        return batch if all(keep) else batch.keep(keep)
-
-    def _erased(self, project: str, user_id: str, anonymous_id: str, received_at: int) -> bool:
-        person = self._projects.get(project)
-        if person is None:
-            return False
-        return received_at <= max(
-            person.users.get(user_id, -1) if user_id else -1, person.devices.get(anonymous_id, -1)
+    def matches(self, project: str, user_id: str, anonymous_id: str) -> bool:
+        e = self.erasure
+        return project == e["project"] and (
+            anonymous_id in self.devices or (bool(user_id) and user_id == e["user_id"])
         )
 
 
-async def follow(
-    bootstrap: str, erasures: ErasureFilter, stop: asyncio.Event, *, security: Security = None
-) -> None:
-    """Keep `erasures` current from the erasures topic (all partitions, from the start)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, **(security or {}), enable_auto_commit=False
+def _sessions_rebuild() -> tuple[list[str], str]:
+    """Columns and SELECT of the sessions view (the one source of truth for a session row)."""
+    template = next(text for _, name, text in migrations() if name == "rollups")
+    view = next(
+        s for s in template.split(";") if "MATERIALIZED VIEW IF NOT EXISTS sessions_mv" in s
     )
-    await consumer.start()
-    name = topic("erasures").name
-    consumer.assign([TopicPartition(name, p) for p in range(topic("erasures").partitions)])
-    await consumer.seek_to_beginning()
-    try:
-        while not stop.is_set():
-            for messages in (await consumer.getmany(timeout_ms=300)).values():
-                for message in messages:
-                    erasures.add(decode(message.value))
-    finally:
-        await consumer.stop()
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _in(values: list[str]) -> str:
-    return "(" + ", ".join(_quote(v) for v in values) + ")" if values else "('')"
+    select = view.split(" TO sessions AS", 1)[1]
+    return ["project", "session_id", *re.findall(r"\bAS (\w+)", select)], select
 
 
 class ErasureExecutor:
-    """Carries out erasures in ClickHouse and records each in `forget_audit`."""
+    """Carries out batches of erasures in ClickHouse and records each in `forget_audit`."""
 
-    def __init__(self, ch: ClickHouse, erasures: ErasureFilter, grace_s: float) -> None:
+    def __init__(
+        self, ch: ClickHouse, audit_key: bytes, grace_s: float, mutation_timeout_s: float
+    ) -> None:
         self._ch = ch
-        self._erasures = erasures
+        self._key = audit_key
         self._grace = grace_s
+        self._timeout = mutation_timeout_s
         self._lightweight = ch.features.has("lightweight_delete")
+        columns, select = _sessions_rebuild()
+        self._session_columns = columns
+        self._session_select = statements(select, ch.features)[0]
+        self._unfinished: dict[str, set[str]] = {}  # table -> our mutations still running
+        self._carried: dict[str, dict[str, int]] = {}  # forget_id -> counts of a timed-out try
 
-    def _count(self, sql: str) -> int:
-        return int(self._ch.query_tsv(sql).strip() or 0)
+    def _rows(self, sql: str) -> list[list[str]]:
+        return [line.split("\t") for line in self._ch.query_tsv(sql).splitlines()]
 
-    def _wait_for_mutations(self) -> None:
-        while self._count(
-            "SELECT count() FROM system.mutations "
-            "WHERE database = currentDatabase() AND is_done = 0"
-        ):
-            time.sleep(0.2)
+    def _mutations(self, table: str) -> set[str]:
+        return {
+            row[0]
+            for row in self._rows(
+                "SELECT mutation_id FROM system.mutations "
+                f"WHERE database = currentDatabase() AND table = {quote(table)}"
+            )
+        }
 
-    def _delete(self, table: str, where: str) -> None:
-        if table == "events" and self._lightweight:
-            self._ch.execute(f"DELETE FROM events WHERE {where}")
-        else:
-            self._ch.execute(f"ALTER TABLE {table} DELETE WHERE {where}")
-        self._wait_for_mutations()
+    def _delete(self, table: str, wheres: list[str]) -> None:
+        """Delete, and remember the mutations this made (only those are waited for)."""
+        before = self._mutations(table)
+        for where in wheres:
+            if table == "events" and self._lightweight:
+                self._ch.execute(f"DELETE FROM events WHERE {where}")
+            else:
+                self._ch.execute(f"ALTER TABLE {table} DELETE WHERE {where}")
+        self._unfinished.setdefault(table, set()).update(self._mutations(table) - before)
 
-    def _audit(self, erasure: Erasure, status: str, counts: tuple[int, int, int, int]) -> None:
+    def wait_for_mutations(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Wait for this executor's own deletes, at most the timeout; raise MutationsPending."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            for table, ids in list(self._unfinished.items()):
+                listed = ", ".join(quote(i) for i in ids) or "''"
+                done = self._rows(
+                    "SELECT mutation_id FROM system.mutations WHERE database = currentDatabase() "
+                    f"AND table = {quote(table)} AND mutation_id IN ({listed}) AND is_done = 1"
+                )
+                ids.difference_update(row[0] for row in done)
+                if not ids:
+                    del self._unfinished[table]
+            running = sum(map(len, self._unfinished.values()))
+            if not running:
+                return
+            if time.monotonic() >= deadline:
+                raise MutationsPending(
+                    f"{running} ClickHouse deletes still running after {self._timeout:g}s"
+                )
+            sleep(0.2)
+
+    def subject_hmac(self, erasure: Erasure) -> str:
+        """HMAC-SHA256 of `project:subject` under the audit key."""
         subject = erasure["user_id"] or ",".join(erasure["anonymous_ids"])
-        digest = hashlib.sha256(f"{erasure['project']}:{subject}".encode()).hexdigest()
+        message = f"{erasure['project']}:{subject}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def audit(
+        self, forgets: list[Forget], status: str, reason: str = "", attempts: int = 0
+    ) -> None:
+        """One forget_audit row per forget, in one insert."""
         now = int(time.time() * 1000)
-        devices, events, sessions, identities = counts
-        columns = {
-            "forget_id": [erasure["forget_id"]],
-            "project": [erasure["project"]],
-            "subject_sha256": [digest],
-            "status": [status],
-            "requested_at_ms": [erasure["requested_at"]],
-            "completed_at_ms": [now if status == "done" else 0],
-            "anonymous_ids": [devices],
-            "events_deleted": [events],
-            "sessions_deleted": [sessions],
-            "identities_deleted": [identities],
-            "version": [time.time_ns()],
+        columns: dict[str, list[object]] = {
+            "forget_id": [f.erasure["forget_id"] for f in forgets],
+            "project": [f.erasure["project"] for f in forgets],
+            "subject_hmac": [self.subject_hmac(f.erasure) for f in forgets],
+            "status": [status] * len(forgets),
+            "reason": [reason] * len(forgets),
+            "attempts": [attempts] * len(forgets),
+            "requested_at_ms": [f.erasure["requested_at"] for f in forgets],
+            "completed_at_ms": [now if status == "done" else 0] * len(forgets),
+            "anonymous_ids": [len(f.devices) for f in forgets],
+            "events_deleted": [f.counts["events"] for f in forgets],
+            "sessions_deleted": [f.counts["sessions"] for f in forgets],
+            "identities_deleted": [f.counts["identities"] for f in forgets],
+            "version": [time.time_ns()] * len(forgets),
         }
         self._ch.insert_columns(
             "forget_audit", list(columns), list(columns.values()), list(columns)
         )
 
-    def execute(
-        self, erasure: Erasure, sleep: Callable[[float], None] = time.sleep
-    ) -> ForgetStatusRecord:
-        """Delete everything of the person, wait, verify, record. Blocking; run in a thread."""
-        self._audit(erasure, "pending", (0, 0, 0, 0))
-        project = _quote(erasure["project"])
-        devices = set(erasure["anonymous_ids"])
-        user = erasure["user_id"]
-        if user is not None:  # also devices the warehouse knows of, should processor state lag
-            devices.update(
-                self._ch.query_tsv(
-                    f"SELECT DISTINCT anonymous_id FROM events WHERE project = {project} "
-                    f"AND user_id = {_quote(user)}"
-                ).split()
-            )
-        person = f"anonymous_id IN {_in(sorted(devices))}"
-        if user is not None:
-            person = f"({person} OR user_id = {_quote(user)})"
-        where = f"project = {project} AND {person}"
-        sleep(self._grace)  # every sink has the erasure in its filter by now
-        events = sessions = identities = 0
-        for _ in range(5):
-            remaining = self._count(f"SELECT count() FROM events WHERE {where}")
-            if not remaining:
-                break
-            session_ids = self._ch.query_tsv(
-                f"SELECT DISTINCT session_id FROM events WHERE {where}"
-            ).split()
-            events += remaining
-            self._delete("events", where)
-            if session_ids:
-                in_sessions = f"project = {project} AND session_id IN {_in(session_ids)}"
-                sessions += self._count(f"SELECT count() FROM sessions WHERE {in_sessions}")
-                self._delete("sessions", in_sessions)
-            sleep(self._grace)  # a straggling insert from before the filter lands by now
-        identities = self._count(f"SELECT count() FROM identities WHERE {where}")
-        if identities:
-            self._delete("identities", where)
-        self._audit(erasure, "done", (len(devices), events, sessions, identities))
-        log.info(
-            "forget %s done: %d events, %d session rows, %d identity rows",
-            erasure["forget_id"],
-            events,
-            sessions,
-            identities,
+    def done_before(self, forget_ids: list[str]) -> dict[str, ForgetStatusRecord]:
+        """Statuses of those forgets already carried out (read back after a restart)."""
+        if not forget_ids:
+            return {}
+        rows = self._rows(
+            "SELECT forget_id, project, anonymous_ids, events_deleted, sessions_deleted, "
+            "identities_deleted, requested_at_ms, completed_at_ms, attempts "
+            f"FROM forget_audit FINAL WHERE forget_id IN ({', '.join(map(quote, forget_ids))}) "
+            "AND status = 'done'"
         )
-        return {
-            "v": 1,
-            "record": "forget_status",
-            "forget_id": erasure["forget_id"],
-            "project": erasure["project"],
-            "status": "done",
-            "anonymous_ids": len(devices),
-            "events_deleted": events,
-            "sessions_deleted": sessions,
-            "identities_deleted": identities,
-            "requested_at": erasure["requested_at"],
-            "completed_at": int(time.time() * 1000),
-        }
+        return {r[0]: status_record(r[0], r[1], "done", [int(v) for v in r[2:]], "") for r in rows}
+
+    def _suppress(self, erasures: list[Erasure]) -> None:
+        rows = [
+            (e["project"], kind, id_, e["forget_id"], e["requested_at"])
+            for e in erasures
+            if e["suppress"]
+            for kind, ids in (
+                ("user", [e["user_id"]] if e["user_id"] else []),
+                ("device", e["anonymous_ids"]),
+            )
+            for id_ in ids
+        ]
+        if rows:
+            names = ["project", "kind", "id", "forget_id", "since_ms"]
+            data = [list(column) for column in zip(*rows, strict=True)]
+            self._ch.insert_columns("suppressions", names, data, names)
+
+    def execute(
+        self, erasures: list[Erasure], sleep: Callable[[float], None] = time.sleep
+    ) -> list[ForgetStatusRecord]:
+        """Delete everything of these people, wait, verify, record. Blocking: run in a thread.
+        Raises (nothing recorded as done) when ClickHouse fails or a delete outlasts the timeout."""
+        self._suppress(erasures)
+        self.wait_for_mutations(sleep)  # deletes an earlier attempt left running come first
+        forgets = [Forget(e, set(e["anonymous_ids"])) for e in erasures]
+        for f in forgets:  # what an attempt that timed out deleted counts too
+            f.counts.update(self._carried.pop(f.erasure["forget_id"], {}))
+        try:
+            self._delete_all(forgets, sleep)
+        except MutationsPending:
+            self._carried.update((f.erasure["forget_id"], f.counts) for f in forgets)
+            raise
+        self.audit(forgets, "done")
+        log.info("%d forgets done", len(forgets))
+        now = int(time.time() * 1000)
+        return [
+            status_record(
+                f.erasure["forget_id"],
+                f.erasure["project"],
+                "done",
+                [len(f.devices), *f.counts.values(), f.erasure["requested_at"], now, 0],
+                "",
+            )
+            for f in forgets
+        ]
+
+    def _delete_all(self, forgets: list[Forget], sleep: Callable[[float], None]) -> None:
+        erasures = [f.erasure for f in forgets]
+        users = [(e["project"], e["user_id"]) for e in erasures if e["user_id"] is not None]
+        # Devices the warehouse links to the users too, should processor state lag.
+        for table in ("events", "identities"):
+            for where in chunks([], users, "anonymous_id", "user_id"):
+                for project, user_id, anonymous_id in self._rows(
+                    f"SELECT DISTINCT project, user_id, anonymous_id FROM {table} WHERE {where}"
+                ):
+                    for f in forgets:
+                        if f.matches(project, user_id, ""):
+                            f.devices.add(anonymous_id)
+        devices = [(f.erasure["project"], d) for f in forgets for d in f.devices]
+        sleep(self._grace)  # every sink has the erasures in its filter by now
+        for _ in range(PASSES):
+            if not self._pass(forgets, devices, users):
+                break
+            sleep(self._grace)  # a straggling insert from before the filter lands by now
+
+    def _tally(self, forgets: list[Forget], what: str, rows: list[tuple[str, ...]]) -> None:
+        """Add each (project, user_id, anonymous_id, count) row to the forgets it belongs to."""
+        for project, user_id, anonymous_id, count in rows:
+            for f in forgets:
+                if f.matches(project, user_id, anonymous_id):
+                    f.counts[what] += int(count)
+
+    def _pass(
+        self, forgets: list[Forget], devices: list[tuple[str, str]], users: list[tuple[str, str]]
+    ) -> bool:
+        """One delete of everything left of these people; False when nothing was left."""
+        plain = chunks(devices, users, "anonymous_id", "user_id")
+        states = chunks(
+            devices, users, "finalizeAggregation(anonymous_id)", "finalizeAggregation(user_id)"
+        )
+        count = (
+            "SELECT project, user_id, anonymous_id, count() FROM {} WHERE {} "
+            "GROUP BY project, user_id, anonymous_id"
+        )
+        # A group (project, user_id, anonymous_id) matches a chunk whole: keep it once.
+        events = list({tuple(r) for w in plain for r in self._rows(count.format("events", w))})
+        identities = list(
+            {tuple(r) for w in plain for r in self._rows(count.format("identities", w))}
+        )
+        session_rows = [
+            r
+            for w in plain
+            for r in self._rows(
+                f"SELECT DISTINCT project, user_id, anonymous_id, session_id FROM events WHERE {w}"
+            )
+        ] + [
+            r
+            for w in states
+            for r in self._rows(
+                "SELECT DISTINCT project, finalizeAggregation(user_id), "
+                f"finalizeAggregation(anonymous_id), session_id FROM sessions WHERE {w}"
+            )
+        ]
+        if not (events or identities or session_rows):
+            return False
+        self._tally(forgets, "events", events)
+        self._tally(forgets, "identities", identities)
+        sessions = sorted({(r[0], r[3]) for r in session_rows})
+        for f in forgets:
+            f.counts["sessions"] += len({(r[0], r[3]) for r in session_rows if f.matches(*r[:3])})
+        self._delete("events", [w for w in plain if events])
+        self._delete("identities", [w for w in plain if identities])
+        self.wait_for_mutations()
+        if sessions:
+            # Whole sessions go, then what others did in a shared one comes back from events.
+            wheres = chunks(sessions, [], "session_id", "session_id")
+            self._delete("sessions", wheres)
+            self.wait_for_mutations()
+            for where in wheres:
+                self._ch.execute(
+                    f"INSERT INTO sessions ({', '.join(self._session_columns)}) "
+                    + re.sub(
+                        r"FROM events\s+GROUP BY",
+                        f"FROM events WHERE {where} GROUP BY",
+                        self._session_select,
+                    )
+                )
+        return True
 
 
-async def execute_erasures(
-    bootstrap: str,
-    executor: ErasureExecutor,
-    erasures: ErasureFilter,
-    producer: AIOKafkaProducer,
-    stop: asyncio.Event,
-    *,
-    security: Security = None,
-) -> None:
-    """One sink of the group carries out each erasure; its outcome goes on the keys topic (so
-    every gateway can answer for it) before its offset is committed."""
-    consumer = AIOKafkaConsumer(
-        topic("erasures").name,
-        bootstrap_servers=bootstrap,
-        **(security or {}),
-        group_id=EXECUTOR_GROUP,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        while not stop.is_set():
-            for tp, messages in (await consumer.getmany(timeout_ms=500)).items():
-                for message in messages:
-                    erasure: Erasure = decode(message.value)
-                    while erasure["forget_id"] not in erasures.seen:  # our own filter first
-                        await asyncio.sleep(0.1)
-                    try:
-                        status = await asyncio.to_thread(executor.execute, erasure)
-                        await producer.send_and_wait(
-                            topic("keys").name,
-                            encode(status),
-                            key=f"forget:{status['forget_id']}".encode(),
-                        )
-                    except Exception:  # ClickHouse or the broker away: this forget again, later
-                        log.exception("forget %s failed; retrying", erasure["forget_id"])
-                        consumer.seek(tp, message.offset)
-                        await asyncio.sleep(5)
-                        break
-                    await consumer.commit({tp: message.offset + 1})
-    finally:
-        await consumer.stop()
+def status_record(
+    forget_id: str, project: str, status: str, numbers: list[int], reason: str
+) -> ForgetStatusRecord:
+    """The keys-topic record of a forget's outcome. `numbers`: anonymous_ids, events, sessions,
+    identities deleted, requested_at, completed_at, attempts."""
+    devices, events, sessions, identities, requested, completed, attempts = numbers
+    return {
+        "v": 1,
+        "record": "forget_status",
+        "forget_id": forget_id,
+        "project": project,
+        "status": status,  # type: ignore[typeddict-item]
+        "reason": reason,
+        "attempts": attempts,
+        "anonymous_ids": devices,
+        "events_deleted": events,
+        "sessions_deleted": sessions,
+        "identities_deleted": identities,
+        "requested_at": requested,
+        "completed_at": completed,
+    }

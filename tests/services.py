@@ -75,6 +75,7 @@ class Pipeline:
             "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
             "MILLIMETRIC_IP_SALT": "test-salt",
+            "MILLIMETRIC_FORGET_AUDIT_KEY": "test-audit-key",
             "MILLIMETRIC_DATA_DIR": str(root),
             "MILLIMETRIC_GATEWAY_PORT": str(self.port),
             "MILLIMETRIC_SINK_BATCH_SECONDS": "0.3",

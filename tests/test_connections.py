@@ -129,7 +129,7 @@ def test_sasl_and_tls_reach_every_kafka_client(
     from processors.app import build_app as build_processor
     from sinks.app import Sink
     from sinks.clickhouse import EmbeddedClickHouse
-    from sinks.erasure import ErasureFilter
+    from sinks.erasure_filter import ErasureFilter
 
     settings = sasl_settings(certificate[0])
     bootstrap = "127.0.0.1:9093"
