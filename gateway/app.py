@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.auth import AuthError, KeyStore
 from gateway.client_context import ClientContext
 from gateway.endpoints import ROUTES, IngestEndpoint
+from gateway.hooks import HookEndpoint, HookTable
 from gateway.openapi import build_openapi
 from gateway.publish import Publisher
 from gateway.query_key import authorization
@@ -44,7 +45,8 @@ class Gateway:
     def __init__(self, settings: Settings, bootstrap: str) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
-        self.keys = KeyStore(bootstrap)
+        self.hooks = HookTable()
+        self.keys = KeyStore(bootstrap, {"hook": self.hooks.apply})
         self.publisher = Publisher(
             bootstrap,
             idempotence=settings.kafka_idempotence,
@@ -172,6 +174,7 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
         Route(path, endpoint, methods=["POST", "OPTIONS"]) for path, endpoint in ingest.items()
     ]
     routes += [Route("/v1/forget/{forget_id}", _forget_status, methods=["GET"])]
+    routes += [Route("/v1/hooks/{hook_id}", HookEndpoint(gateway), methods=["POST"])]
     routes += [Route("/health", _health), Route("/ready", _ready)]
     routes += [Route("/v1/a.js", serve_snippet)]
     routes += [Route("/openapi.json", _openapi)]

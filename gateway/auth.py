@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,13 @@ class KeyStore:
     """The keys topic as in-memory maps, kept current: key hash -> key record, and
     (project, route) -> rate-limit override."""
 
-    def __init__(self, bootstrap_servers: str) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        handlers: dict[str, Callable[[dict[str, Any]], None]] | None = None,
+    ) -> None:
         self._bootstrap = bootstrap_servers
+        self._handlers = handlers or {}  # other record kinds on the topic (e.g. "hook")
         self._keys: dict[str, ApiKeyRecord] = {}
         self._limits: dict[tuple[str, str], Limit] = {}
         self._forgets: dict[str, ForgetStatusRecord] = {}
@@ -111,6 +117,9 @@ class KeyStore:
             return
         if record.get("record") == "forget_status":
             self._forgets[record["forget_id"]] = record  # type: ignore[assignment]
+            return
+        if (handle := self._handlers.get(record.get("record", ""))) is not None:
+            handle(record)
             return
         if record["revoked_at"] is not None:
             self._keys.pop(record["key_hash"], None)

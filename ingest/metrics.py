@@ -24,7 +24,13 @@ DEAD_LETTERS = Counter(
     ["stage", "reason"],
 )
 
-METRICS: tuple[Counter, ...] = (RETRIES, GAVE_UP, DEAD_LETTERS)
+WEBHOOK_DELIVERIES = Counter(
+    "millimetric_webhook_deliveries",
+    "Webhook deliveries by provider and outcome (`accepted` or the error code).",
+    ["provider", "outcome"],
+)
+
+METRICS: tuple[Counter, ...] = (RETRIES, GAVE_UP, DEAD_LETTERS, WEBHOOK_DELIVERIES)
 
 
 def markdown_table() -> str:

@@ -35,6 +35,7 @@ from processors.batch_publisher import BatchPublisher
 from processors.classify import Classifier
 from processors.enrich import Enricher
 from processors.geo import CountryLookup
+from processors.hook_mapping import map_delivery
 from processors.useragent import UserAgentParser
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                     try:
                         record = decode(value)
                         kind = record["type"]
+                        if kind == "webhook":
+                            record = map_delivery(record, settings.properties_max_bytes)
+                            kind = record["type"]
                         if kind == "forget":
                             # Tables pick the changelog partition from the current event,
                             # which take_events does not set per item.
