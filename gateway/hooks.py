@@ -59,6 +59,24 @@ def delivery_id(scheme: Scheme, headers: dict[str, str], body: Any, raw: bytes) 
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
+def mapped_headers(mapping: dict[str, Any]) -> set[str]:
+    """The headers a mapping reads (`header.<name>` sources), kept with the body."""
+    values: list[Any] = []
+    for value in mapping.values():
+        values += (
+            value.values()
+            if isinstance(value, dict)
+            else value
+            if isinstance(value, list)
+            else [value]
+        )
+    return {
+        v.partition(".")[2].lower()
+        for v in values
+        if isinstance(v, str) and v.startswith("header.")
+    }
+
+
 def event_id(hook_id: str, delivery: str) -> str:
     """32 hex digits, the same for every delivery of one provider event to one hook."""
     return hashlib.sha256(f"{hook_id}:{delivery}".encode()).hexdigest()[:32]
@@ -133,6 +151,8 @@ class HookEndpoint:
         if not isinstance(body, dict):
             raise InvalidBody("invalid_payload", [{"field": "(body)", "message": "not an object"}])
         delivery = delivery_id(scheme, headers, body, raw)
+        mapping = {**scheme.mapping, **(hook["mapping"] or {})}
+        keep = set(scheme.keep_headers) | mapped_headers(mapping)
         return {
             "v": 1,
             "type": "webhook",
@@ -142,7 +162,7 @@ class HookEndpoint:
             "provider": hook["provider"],
             "delivery_id": delivery,
             "received_at": int(time.time() * 1000),
-            "headers": {h: headers[h] for h in scheme.keep_headers if h in headers},
+            "headers": {h: headers[h] for h in sorted(keep) if h in headers},
             "body": raw.decode("utf-8", "replace"),
-            "mapping": {**scheme.mapping, **(hook["mapping"] or {})},
+            "mapping": mapping,
         }
