@@ -30,6 +30,7 @@ from standardwebhooks.webhooks import Webhook
 
 from gateway import hook_admin
 from tests.services import Pipeline, kafka_broker
+from tests.test_sinks import dead_letters
 
 MAX_BYTES = 65_536
 
@@ -278,3 +279,16 @@ def test_refusals(pipeline: Pipeline) -> None:
     pipeline.wait_for(
         f"SELECT event FROM events FINAL WHERE project = '{name}'", "github.push.ok\n"
     )
+
+
+def test_an_unmappable_delivery_is_kept_and_dead_lettered(pipeline: Pipeline) -> None:
+    name = project()
+    hook_id, secret = create(pipeline, name, "stripe", "whsec_unmappable")
+    body = orjson.dumps({"id": "evt_no_type", "data": {"object": {}}})  # no `type`: no event name
+    answer = post(pipeline, hook_id, body, stripe_sig(body, secret))
+    assert answer.status_code == 202  # durable first: the mapping runs after the ack
+    letters = [orjson.loads(v) for v in dead_letters(pipeline.bootstrap, 1, timeout=60)]
+    [letter] = [x for x in letters if answer.json()["event_id"] in x["record"]]
+    assert "Unmappable: no event name" in letter["reason"]
+    assert orjson.loads(letter["record"])["body"] == body.decode()
+    assert pipeline.sql(f"SELECT count() FROM events WHERE project = '{name}'") == "0\n"
