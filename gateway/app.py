@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.auth import AuthError, KeyStore
 from gateway.client_context import ClientContext
 from gateway.endpoints import ROUTES, IngestEndpoint
+from gateway.hooks import HookEndpoint, HookTable
 from gateway.openapi import build_openapi
 from gateway.publish import Publisher
 from gateway.query_key import authorization
@@ -47,7 +48,8 @@ class Gateway:
         self.settings = settings
         self.bootstrap = bootstrap
         self.kafka = client_options(settings, bootstrap)
-        self.keys = KeyStore(self.kafka)
+        self.hooks = HookTable()
+        self.keys = KeyStore(self.kafka, {"hook": self.hooks.apply})
         self.publisher = Publisher(
             self.kafka,
             idempotence=settings.kafka_idempotence,
@@ -201,6 +203,7 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
         Route(path, endpoint, methods=["POST", "OPTIONS"]) for path, endpoint in ingest.items()
     ]
     routes += [Route("/v1/forget/{forget_id}", _forget_status, methods=["GET"])]
+    routes += [Route("/v1/hooks/{hook_id}", HookEndpoint(gateway), methods=["POST"])]
     routes += [Route("/health", _health), Route("/ready", _ready)]
     routes += [Route("/v1/a.js", serve_snippet)]
     routes += [Route("/openapi.json", _openapi)]

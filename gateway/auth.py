@@ -13,6 +13,7 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +66,14 @@ class KeyStore:
     """The keys topic as in-memory maps, kept current: key hash -> key record, and
     (project, route) -> rate-limit override."""
 
-    def __init__(self, kafka: dict[str, Any], stale_after_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        kafka: dict[str, Any],
+        handlers: dict[str, Callable[[dict[str, Any]], None]] | None = None,
+        stale_after_s: float = 10.0,
+    ) -> None:
         self._kafka = kafka  # aiokafka connection options: bootstrap servers, TLS, SASL
+        self._handlers = handlers or {}  # other record kinds on the topic (e.g. "hook")
         # Heard nothing from the broker for this long: a key not found may just be unseen.
         self.stale_after_s = stale_after_s
         self._tp = TopicPartition(topic("keys").name, 0)
@@ -140,6 +147,9 @@ class KeyStore:
             return
         if record.get("record") == "forget_status":
             self._forgets[record["forget_id"]] = record  # type: ignore[assignment]
+            return
+        if (handle := self._handlers.get(record.get("record", ""))) is not None:
+            handle(record)
             return
         if record["revoked_at"] is not None:
             self._keys.pop(record["key_hash"], None)

@@ -17,10 +17,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway.rate_limit import Limit, load_default_limits
 from ingest.kafka_connection import Security
-from ingest.records import ApiKeyRecord, ProjectLimitRecord, decode, encode, hash_api_key
+from ingest.records import (
+    ApiKeyRecord,
+    HookRecord,
+    ProjectLimitRecord,
+    decode,
+    encode,
+    hash_api_key,
+)
 from ingest.topics import ensure_topics, topic
 
-KeysTopicRecord = ApiKeyRecord | ProjectLimitRecord
+KeysTopicRecord = ApiKeyRecord | ProjectLimitRecord | HookRecord
 
 ALPHABET = string.ascii_letters + string.digits
 
@@ -31,12 +38,14 @@ def new_raw_key(kind: str, env: str) -> str:
 
 
 def record_topic_key(record: Any) -> bytes:
-    """The compaction key of a keys-topic record: the key hash, `limit:{project}:{route}` or
-    `forget:{forget_id}`."""
+    """The compaction key of a keys-topic record: the key hash, `limit:{project}:{route}`,
+    `forget:{forget_id}` or `hook:{hook_id}`."""
     if record.get("record") == "project_limit":
         return f"limit:{record['project']}:{record['route']}".encode()
     if record.get("record") == "forget_status":
         return f"forget:{record['forget_id']}".encode()
+    if record.get("record") == "hook":
+        return f"hook:{record['hook_id']}".encode()
     return str(record["key_hash"]).encode()
 
 

@@ -41,6 +41,19 @@ OPERATIONS: dict[str, tuple[str, type[BaseModel], type[BaseModel]]] = {
     "batch": ("Track many events, all or nothing.", BatchBody, BatchAccepted),
     "forget": ("Request erasure of a user's events (sk_ keys only).", ForgetBody, ForgetAccepted),
 }
+HOOK_ERRORS = [
+    "invalid_json",
+    "invalid_payload",
+    "unsupported_media_type",
+    "payload_too_large",
+    "invalid_gzip",
+    "unsupported_encoding",
+    "invalid_signature",
+    "stale_timestamp",
+    "unknown_hook",
+    "rate_limited",
+    "broker_unavailable",
+]
 PER_REQUEST_STAGES = ("validate", "authenticate", "limit", "publish")
 RETRY_AFTER = {
     "Retry-After": {
@@ -147,6 +160,25 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                         "forget_requires_secret_key",
                     ]
                 ),
+            },
+        }
+    }
+    paths["/v1/hooks/{hook_id}"] = {
+        "post": {
+            "operationId": "hook",
+            "summary": "A provider's webhook delivery (Stripe, GitHub, Shopify, Standard Webhooks, "
+            "generic); the signature over the raw body is the credential.",
+            "description": f"Body at most {settings.hook_max_bytes} bytes, decompressed.",
+            "parameters": [
+                {"name": "hook_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+            "responses": {
+                "202": {
+                    "description": "Acknowledged by the broker.",
+                    "content": _json("TrackAccepted"),
+                },
+                **_error_responses(HOOK_ERRORS),
             },
         }
     }

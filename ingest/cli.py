@@ -4,6 +4,7 @@ millimetric dev                      the whole pipeline, embedded
 millimetric gateway|processor|sink   one stage (production: one process each, scaled apart)
 millimetric keys create|list|revoke  API keys
 millimetric keys limits              a project's rate limit on one route
+millimetric hooks create|list|rotate|revoke   webhook receivers (Stripe, GitHub, Shopify, ...)
 millimetric sql "SELECT ..."         query the configured ClickHouse (TSV)
 millimetric forget status ID         whether an erasure is done, with what it deleted
 millimetric classify --url URL       explain how a visit would be attributed
@@ -150,6 +151,60 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hooks(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway import hook_admin
+    from gateway.key_admin import read_key_records
+
+    bootstrap = _bootstrap(settings)
+    idem = settings.kafka_idempotence and settings.kafka_bootstrap_servers is not None
+    fresh: str | None = None
+    try:
+        if args.hooks_command == "create":
+            from pathlib import Path
+
+            from processors.hook_mapping import load_mapping_file
+
+            mapping = load_mapping_file(Path(args.mapping)) if args.mapping else None
+            hook, fresh = asyncio.run(
+                hook_admin.create_hook(
+                    bootstrap, args.project, args.provider, args.secret, mapping,
+                    args.signature_header, idem,
+                )
+            )  # fmt: skip
+            time.sleep(KEY_PROPAGATION_S)  # as for keys: gateways pick the hook up first
+            print(f"created {args.provider} hook for project {args.project!r}:", file=sys.stderr)
+            print(f"url: /v1/hooks/{hook['hook_id']}")
+        elif args.hooks_command == "list":
+            hooks = hook_admin.current_hooks(asyncio.run(read_key_records(bootstrap)))
+            print("hook_id\tproject\tprovider\tsecrets\tmapping\tstatus")
+            for h in hooks.values():
+                if args.project in (None, h["project"]):
+                    status = "revoked" if h["revoked_at"] else "active"
+                    print(
+                        f"{h['hook_id']}\t{h['project']}\t{h['provider']}\t{len(h['secrets'])}"
+                        f"\t{'file' if h['mapping'] else 'default'}\t{status}"
+                    )
+        elif args.hooks_command == "rotate":
+            _, fresh = asyncio.run(
+                hook_admin.rotate_hook(bootstrap, args.hook_id, args.secret, idem)
+            )
+            print(
+                f"hook {args.hook_id}: new secret added; the old ones stay valid", file=sys.stderr
+            )
+        elif args.old_secrets:
+            asyncio.run(hook_admin.retire_old_secrets(bootstrap, args.hook_id, idem))
+            print(f"hook {args.hook_id}: only the newest secret is valid now")
+        else:
+            asyncio.run(hook_admin.revoke_hook(bootstrap, args.hook_id, idem))
+            print(f"hook {args.hook_id}: revoked")
+    except (ValueError, OSError) as error:
+        sys.exit(f"millimetric hooks: {error}")
+    if fresh is not None:
+        print("signing secret (shown once; give it to the provider):", file=sys.stderr)
+        print(f"secret: {fresh}")
+    return 0
+
+
 def _query(settings: Settings, query: str, write: bool = False) -> str:
     """Run a query on the configured ClickHouse and return TSV; exit with its message on error.
 
@@ -280,10 +335,33 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("key")
     limits = ks.add_parser("limits", help="override a project's rate limit on one route")
     limits.add_argument("--project", required=True)
-    limits.add_argument("--route", required=True, help="track, identify, batch or forget")
+    limits.add_argument("--route", required=True, help="track, identify, batch, forget or hooks")
     limits.add_argument("--rate", type=float, help="requests per second")
     limits.add_argument("--burst", type=int, help="bucket size")
     limits.add_argument("--reset", action="store_true", help="back to the default")
+
+    hooks = sub.add_parser("hooks", help="manage webhook receivers")
+    hooks.set_defaults(run=cmd_hooks)
+    hs = hooks.add_subparsers(dest="hooks_command", required=True)
+    hcreate = hs.add_parser("create", help="create a hook; prints its URL (and a new secret)")
+    hcreate.add_argument("--project", required=True)
+    hcreate.add_argument(
+        "--provider",
+        required=True,
+        help="a row of gateway/webhook_schemes.toml: stripe, github, shopify, standard, "
+        "generic (HMAC) or bearer",
+    )
+    hcreate.add_argument("--secret", help="the provider's signing secret (generated if omitted)")
+    hcreate.add_argument("--mapping", help="a TOML mapping file (see README, Webhooks)")
+    hcreate.add_argument("--signature-header", help="generic hooks: the header with the HMAC")
+    hls = hs.add_parser("list", help="list hooks (no secrets)")
+    hls.add_argument("--project")
+    hrotate = hs.add_parser("rotate", help="add a signing secret; the old ones stay valid")
+    hrotate.add_argument("hook_id")
+    hrotate.add_argument("--secret", help="the new secret (generated if omitted)")
+    hrevoke = hs.add_parser("revoke", help="revoke a hook, or with --old-secrets end a rotation")
+    hrevoke.add_argument("hook_id")
+    hrevoke.add_argument("--old-secrets", action="store_true", help="keep only the newest secret")
 
     forget = sub.add_parser("forget", help="erasure requests")
     fs = forget.add_subparsers(dest="forget_command", required=True)

@@ -98,6 +98,25 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "Use an sk_ (or pk_) key.",
         "authenticate",
     ),
+    "invalid_signature": ErrorCode(
+        401,
+        "The webhook's signature is missing or matches none of the hook's secrets.",
+        "Give the hook the secret the provider signs with (`millimetric hooks rotate --secret`), "
+        "and send the body unchanged: the signature covers the raw bytes.",
+        "verify",
+    ),
+    "stale_timestamp": ErrorCode(
+        401,
+        "The webhook's signed timestamp is outside the provider scheme's tolerance (300 s).",
+        "Check the sender's clock; replays of old deliveries are refused on purpose.",
+        "verify",
+    ),
+    "unknown_hook": ErrorCode(
+        404,
+        "No live webhook receiver has this id (never created, or revoked).",
+        "Create one with `millimetric hooks create` and use the URL it prints.",
+        "verify",
+    ),
     "forget_requires_secret_key": ErrorCode(
         403, "/v1/forget needs an sk_ key.", "Call it server-side with an sk_ key.", "authenticate"
     ),

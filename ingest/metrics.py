@@ -28,8 +28,19 @@ DEVICES_OVER_CAP = Counter(
     "millimetric_processor_devices_over_cap",
     "Identifies past MILLIMETRIC_PROCESSOR_MAX_DEVICES_PER_USER: the device was unlinked.",
 )
+WEBHOOK_DELIVERIES = Counter(
+    "millimetric_webhook_deliveries",
+    "Webhook deliveries by provider and outcome (`accepted` or the error code).",
+    ["provider", "outcome"],
+)
 
-METRICS: tuple[Counter, ...] = (RETRIES, GAVE_UP, DEAD_LETTERS, DEVICES_OVER_CAP)
+METRICS: tuple[Counter, ...] = (
+    RETRIES,
+    GAVE_UP,
+    DEAD_LETTERS,
+    DEVICES_OVER_CAP,
+    WEBHOOK_DELIVERIES,
+)
 
 
 def markdown_table() -> str:

@@ -188,3 +188,38 @@ class ProjectLimitRecord(TypedDict):
 def hash_api_key(raw_key: str) -> str:
     """SHA-256 of a raw key: keys are random 256-bit secrets, so a plain hash is enough."""
     return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+class HookRecord(TypedDict):
+    """A webhook receiver on the keys topic, keyed `hook:{hook_id}`.
+
+    `secrets` are newest first; all are valid (rotation). HMAC schemes need the secret itself, so
+    it is stored as is; a bearer hook stores `sha256:<hex>` of its secret.
+    """
+
+    v: int
+    record: Literal["hook"]
+    hook_id: str
+    project: str
+    provider: str
+    secrets: list[str]
+    signature_header: str | None  # generic hooks only: the header carrying the HMAC
+    mapping: dict[str, Any] | None  # a mapping file's keys, over the provider's defaults
+    created_at: int
+    revoked_at: int | None
+
+
+class WebhookDelivery(TypedDict):
+    """A verified webhook delivery on the raw topic; the processor maps it to a track event."""
+
+    v: int
+    type: Literal["webhook"]
+    project: str
+    event_id: str  # derived from hook_id and the provider's delivery id: redeliveries collide
+    hook_id: str
+    provider: str
+    delivery_id: str
+    received_at: int
+    headers: dict[str, str]  # the scheme's keep_headers that were present
+    body: str  # the raw body, as verified
+    mapping: dict[str, Any]  # the hook's mapping at receipt

@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     )
     track_max_bytes: int = Field(32_768, description="Body limit of /v1/track and /v1/identify.")
     batch_max_bytes: int = Field(1_048_576, description="Body limit of /v1/batch.")
+    hook_max_bytes: int = Field(
+        1_048_576,
+        description="Body limit of /v1/hooks/{hook_id}, after decompression (larger: 413).",
+    )
     batch_max_events: int = Field(1000, description="Events per /v1/batch call.")
     properties_max_bytes: int = Field(
         8192, description="Limit of `properties` (and `traits`), as compact UTF-8 JSON."

@@ -32,7 +32,8 @@ TOPICS: dict[str, Topic] = {
         12,
         False,
         7 * DAY_MS,
-        "Events as accepted by the gateway (with client IP and User-Agent). The replayable source "
+        "Events as accepted by the gateway (with client IP and User-Agent), and verified webhook "
+        "deliveries as received (mapped by the processor). The replayable source "
         "of truth, and the only place a raw IP lives; its retention bounds how long that is.",
     ),
     "enriched": Topic(
@@ -54,12 +55,13 @@ TOPICS: dict[str, Topic] = {
     ),
     "keys": Topic(
         "millimetric.keys",
-        "sha256(api key), limit:…, forget:…",
+        "sha256(api key), limit:…, forget:…, hook:…",
         1,
         True,
         -1,
         "What every gateway materializes in memory: API keys (hashes only) and revocations, "
-        "per-project rate limits, and the outcome of each forget.",
+        "per-project rate limits, the outcome of each forget, and webhook receivers (with their "
+        "HMAC secrets: readable by gateways and administrators only).",
     ),
     "forgets": Topic(
         "millimetric.forgets",

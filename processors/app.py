@@ -45,6 +45,7 @@ from processors.classify import Classifier
 from processors.dead_letters import Source, dead_letter_value, redact
 from processors.enrich import Enricher
 from processors.geo import CountryLookup
+from processors.hook_mapping import map_delivery
 from processors.step import DeadLetters, StepPublisher
 from processors.useragent import UserAgentParser
 
@@ -224,6 +225,15 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                 dead.add("undecodable", dead_letter_value("undecodable", error, source, None, None))
                 record = None
             records.append(record)
+
+        # A webhook delivery becomes an event here, after the gateway made it durable.
+        for index, record in enumerate(records):
+            if record is not None and record.get("type") == "webhook":
+                try:
+                    records[index] = map_delivery(record, settings.properties_max_bytes)
+                except Exception as error:
+                    dead.add("unmappable", letter("unmappable", error, events[index], record))
+                    records[index] = None
 
         # Links first: the identities table takes a link only once the links topic holds it,
         # so the table never knows a device that a forget of its user would not find.
