@@ -75,7 +75,7 @@ class Enricher:
         ctx = raw["context"]
         ip = ctx.get("ip")
         classifier = self._project_classifiers.get(project, self._classifier)
-        source = classifier.classify(raw["url"], raw["referrer"])
+        source = classifier.classify(raw["url"], raw["referrer"], raw.get("campaign"))
         device = self._user_agents.parse(ctx.get("user_agent"))
         country = country_from_edge_header(ctx.get("country")) or self._countries.country(ip)
         # An identify's properties are its traits (the identities table keeps the latest).
