@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from gateway import rate_limit
+from gateway import rate_limit, segment
 from ingest import errors, settings, topics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -18,6 +18,7 @@ TABLES = {
     "errors": errors.markdown_table,
     "settings": settings.markdown_table,
     "limits": rate_limit.markdown_table,
+    "segment": segment.markdown_table,
 }
 
 
