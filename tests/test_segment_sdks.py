@@ -1,11 +1,15 @@
 """The real Segment and RudderStack Python SDKs, pointed at a running pipeline by changing only
 the host: every call type lands in ClickHouse mapped, a retried batch counts once.
 
-(`@segment/analytics-node` is not tested: npm needs the network, which this machine lacks.)
+`@segment/analytics-node` runs when node is installed and tests/segment_node has its
+node_modules (`npm ci` there; skipped otherwise).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -51,22 +55,35 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             p.stop()
 
 
-def _calls(client: Any, tag: str) -> dict[str, str]:
-    """Every call type once, with explicit message ids; returns message id -> expected event."""
-    device_now = datetime.now(UTC) - SKEW - BEHIND
-    context = {
-        "ip": GB_IP,
-        "page": {"url": f"https://shop.example/{tag}", "referrer": "https://www.google.com/"},
-        "campaign": CAMPAIGN,
+EVENTS = {"t": "Order Completed", "p": "$pageview", "s": "$screen", "i": "$identify"}
+EVENTS |= {"g": "$group", "a": "$alias"}
+NODE_DIR = Path(__file__).with_name("segment_node")
+
+
+def _spec(tag: str, device_now: datetime) -> dict[str, Any]:
+    """What one SDK sends: explicit message ids, the device's time, a context to map."""
+    return {
+        "ids": {name: f"{tag}-{name}-{uuid.uuid4().hex[:8]}" for name in EVENTS},
+        "anon": f"{tag}-anon",
+        "user": f"{tag}-user",
+        "timestamp": device_now.isoformat(),
+        "context": {
+            "ip": GB_IP,
+            "page": {"url": f"https://shop.example/{tag}", "referrer": "https://www.google.com/"},
+            "campaign": CAMPAIGN,
+        },
     }
-    common = {"context": context, "timestamp": device_now}
-    ids = {name: f"{tag}-{name}-{uuid.uuid4().hex[:8]}" for name in ("t", "p", "s", "i", "g", "a")}
-    anon, user = f"{tag}-anon", f"{tag}-user"
+
+
+def _send_python(client: Any, spec: dict[str, Any]) -> None:
+    """Every call type once through a Python SDK client, then flush."""
+    ids, anon, user = spec["ids"], spec["anon"], spec["user"]
+    common = {"context": spec["context"], "timestamp": datetime.fromisoformat(spec["timestamp"])}
     client.track(
         user_id=user,
+        anonymous_id=anon,
         event="Order Completed",
         properties={"total": 9},
-        anonymous_id=anon,
         message_id=ids["t"],
         **common,
     )
@@ -78,8 +95,33 @@ def _calls(client: Any, tag: str) -> dict[str, str]:
     client.group(user_id=user, group_id="g1", traits={"seats": 3}, message_id=ids["g"], **common)
     client.alias(previous_id=anon, user_id=user, message_id=ids["a"], **common)
     client.flush()
-    names = ["Order Completed", "$pageview", "$screen", "$identify", "$group", "$alias"]
-    return dict(zip(ids.values(), names, strict=True))
+
+
+def _check_rows(pipeline: Pipeline, spec: dict[str, Any]) -> None:
+    """Every message is in ClickHouse once, mapped, at its skew-corrected time."""
+    expected = {spec["ids"][name]: event for name, event in EVENTS.items()}
+    in_list = ", ".join(f"'{i}'" for i in expected)
+    pipeline.wait_for(
+        f"SELECT count() FROM events FINAL WHERE event_id IN ({in_list})", f"{len(expected)}\n"
+    )
+    sent = time.time()
+    rows = pipeline.sql(
+        "SELECT event_id, event, user_id, url, source, medium, campaign, country, "
+        "toUnixTimestamp(timestamp) FROM events FINAL "
+        f"WHERE event_id IN ({in_list}) ORDER BY event_id"
+    )
+    for line in rows.splitlines():
+        event_id, event, user_id, url, source, medium, campaign, country, ts = line.split("\t")
+        assert event == expected[event_id], line
+        # The page is anonymous and comes before the identify: nothing to stitch yet.
+        assert user_id == ("" if event == "$pageview" else spec["user"]), line
+        assert url == spec["context"]["page"]["url"], line
+        # No utm_ in the URL: the campaign beats the Google referrer, as a utm_ would.
+        assert (source, medium, campaign) == ("newsletter", "email", "spring"), line
+        assert country == "GB", line
+        # Skew-corrected: about BEHIND before it was sent (give or take the pipeline's delay),
+        # not SKEW + BEHIND.
+        assert abs(int(ts) - (sent - BEHIND.total_seconds())) < 120, line
 
 
 @pytest.mark.parametrize(
@@ -99,31 +141,22 @@ def test_every_call_type_lands_mapped(
         on_error=lambda error, _batch: errors.append(error),
         max_retries=3,
     )
-    tag = sdk.__name__.split(".")[0]
-    expected = _calls(client, tag)
+    spec = _spec(sdk.__name__.split(".")[0], datetime.now(UTC) - SKEW - BEHIND)
+    _send_python(client, spec)
     client.shutdown()
     assert not errors
-    sent = time.time()
-    in_list = ", ".join(f"'{i}'" for i in expected)
-    pipeline.wait_for(
-        f"SELECT count() FROM events FINAL WHERE event_id IN ({in_list})", f"{len(expected)}\n"
-    )
-    rows = pipeline.sql(
-        "SELECT event_id, event, user_id, url, source, medium, campaign, country, "
-        "toUnixTimestamp(timestamp) FROM events FINAL "
-        f"WHERE event_id IN ({in_list}) ORDER BY event_id"
-    )
-    for line in rows.splitlines():
-        event_id, event, user_id, url, source, medium, campaign, country, ts = line.split("\t")
-        assert event == expected[event_id], line
-        # The page is anonymous and comes before the identify: nothing to stitch yet.
-        assert user_id == ("" if event == "$pageview" else f"{tag}-user"), line
-        assert url == f"https://shop.example/{tag}", line
-        # No utm_ in the URL: the campaign beats the Google referrer, as a utm_ would.
-        assert (source, medium, campaign) == ("newsletter", "email", "spring"), line
-        assert country == "GB", line
-        # Skew-corrected: about BEHIND before it was sent, not SKEW + BEHIND.
-        assert abs(int(ts) - (sent - BEHIND.total_seconds())) < 120, line
+    _check_rows(pipeline, spec)
+
+
+def test_node_sdk_lands_mapped(pipeline: Pipeline) -> None:
+    if shutil.which("node") is None or not (NODE_DIR / "node_modules").is_dir():
+        pytest.skip("needs node and `npm ci` in tests/segment_node (npm needs the network)")
+    # Node's clock is this machine's: no skew to correct, the times must stay as sent.
+    spec = _spec("node", datetime.now(UTC) - BEHIND)
+    node = ["node", "send.mjs", pipeline.base_url, pipeline.key, json.dumps(spec)]
+    done = subprocess.run(node, cwd=NODE_DIR, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _check_rows(pipeline, spec)
 
 
 def test_a_retried_batch_counts_once(pipeline: Pipeline) -> None:
