@@ -107,8 +107,29 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class _Refused(Exception):
+    """One message's problem, as an invalid_payload detail."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.detail = {"field": field, "message": message}
+
+
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+OBJECTS = ("properties", "traits", "context", "integrations", "context.page", "context.campaign")
+
+
+def _check_objects(message: dict[str, Any]) -> None:
+    """Refuse a message whose object fields are something else (they would be lost)."""
+    for path in OBJECTS:
+        value: Any = message
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, dict):
+            raise _Refused(path, f"{path} must be an object")
 
 
 def _time(value: Any, field: str) -> int | None:
@@ -116,12 +137,6 @@ def _time(value: Any, field: str) -> int | None:
         return iso8601_millis(value)
     except ValueError as error:
         raise _Refused(field, str(error)) from None
-
-
-class _Refused(Exception):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.detail = {"field": field, "message": message}
 
 
 def _meta(message: dict[str, Any], context: dict[str, Any], sent_at: Any) -> dict[str, Any]:
@@ -146,6 +161,8 @@ def _event(
     message: dict[str, Any], kind: str, defaults: dict[str, Any], now: int
 ) -> tuple[TrackEvent, str, dict[str, Any] | None]:
     """One message -> (our event, record type, campaign utm values); raises _Refused."""
+    _check_objects(defaults)
+    _check_objects(message)
     context = {**_dict(defaults.get("context")), **_dict(message.get("context"))}
     message = {**{k: v for k, v in defaults.items() if k != "context"}, **message}
     page = _dict(context.get("page"))

@@ -201,6 +201,11 @@ async def test_bad_segment_bodies_are_documented_400s(gw: Gw) -> None:
         (2, "(message)"),
         (3, "previousId"),
     ]
+    # Object fields that are not objects are refused, not dropped.
+    objects = [_message("page", properties=[1]), _message("page", context={"page": "/p"})]
+    r = await gw.post("/v1/batch", {"batch": objects}, headers=basic(gw.sk))
+    details = check_error(r, "invalid_payload")["details"]
+    assert [(d["index"], d["field"]) for d in details] == [(0, "properties"), (1, "context.page")]
     long_id = _message("track", event="e", messageId="x" * 200)
     details = check_error(
         await gw.post("/v1/track", long_id, headers=basic(gw.sk)), "invalid_payload"
