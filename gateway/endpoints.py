@@ -104,10 +104,12 @@ def _segment(
         messages = body["batch"] if isinstance(body["batch"], list) else [None]
         defaults = {k: body[k] for k in ("context", "integrations", "sentAt") if k in body}
     args = (who.project, ctx, now, who.kind == "sk")
-    records = segment_records(gw.validator, messages, defaults, route, *args)
+    records, refused = segment_records(gw.validator, messages, defaults, route, *args)
     ids = [r["event_id"] for r in records]
     answer = {"ok": True, "event_ids": ids} if route is None else {"ok": True, "event_id": ids[0]}
-    return Accepted(gw.raw_topic, _encoded(records), answer, 200)
+    return Accepted(
+        gw.raw_topic, _encoded(records), answer | ({"rejected": refused} if refused else {}), 200
+    )
 
 
 def _segment_route(kind: str) -> Parser:

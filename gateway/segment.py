@@ -231,30 +231,41 @@ def records(
     ctx: Context,
     now: int,
     trusted: bool,
-) -> list[RawEvent]:
-    """Segment messages -> raw records, all or none; `route` gives the type of a single message.
+) -> tuple[list[RawEvent], list[dict[str, Any]]]:
+    """Segment messages -> (raw records, details of the messages refused); `route` gives the
+    type of a single message. Not all or nothing: Segment's SDKs drop a refused batch whole, so
+    the good messages are kept; when none is, InvalidBody.
 
     `defaults` are the batch's own keys (context, integrations, sentAt) under each message's."""
     if not messages:
         raise InvalidBody("invalid_payload", [{"field": "batch", "message": "empty batch"}])
-    converted, problems = [], []
+    if len(messages) > validator.batch_max_events:
+        limit = f"{len(messages)} messages; at most {validator.batch_max_events} per call"
+        raise InvalidBody("payload_too_large", [{"field": "batch", "message": limit}])
+    out: list[RawEvent] = []
+    problems: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         index = {} if route else {"index": i}
-        if not isinstance(message, dict):
-            problems.append(index | {"field": "(message)", "message": "not an object"})
-            continue
         try:
-            converted.append(_event(message, route or str(message.get("type")), defaults, now))
+            if not isinstance(message, dict):
+                raise _Refused("(message)", "not an object")
+            event, record_type, utm = _event(
+                message, route or str(message.get("type")), defaults, now
+            )
+            [record] = validator.accept([event], project, ctx, now, trusted, indexed=False)
         except _Refused as refused:
             problems.append(index | refused.detail)
-    if problems:
-        raise InvalidBody("invalid_payload", problems[:MAX_DETAILS])
-    out = validator.accept([e for e, _, _ in converted], project, ctx, now, trusted, not route)
-    for record, (_, record_type, utm) in zip(out, converted, strict=True):
+            continue
+        except InvalidBody as error:  # the limits on properties and timestamp
+            problems.extend(index | detail for detail in error.details)
+            continue
         if record_type == "identify":
             record["type"] = "identify"
             record["traits"] = record["properties"]
             record["properties"] = {}
         if utm:
             record["campaign"] = utm
-    return out
+        out.append(record)
+    if not out:
+        raise InvalidBody("invalid_payload", problems[:MAX_DETAILS])
+    return out, problems[:MAX_DETAILS]
