@@ -1,6 +1,6 @@
 """The gateway: HTTP -> validate -> authenticate -> limit -> publish, answering 202 after the ack.
 
-`build_app(settings)` wires the steps; each step lives in its own module, and the four ingest
+`build_app(settings)` wires the steps; each step lives in its own module, and the ingest
 endpoints that run them in `endpoints.py`. Here: the process's state and the other routes.
 """
 
@@ -155,7 +155,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 class GatewayApp:
-    """The ASGI app: POST/OPTIONS on the four ingest routes go straight to their endpoints (the
+    """The ASGI app: POST/OPTIONS on the ingest routes go straight to their endpoints (the
     hot path: no router, no middleware wrapping `send`); everything else to Starlette."""
 
     def __init__(

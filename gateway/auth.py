@@ -33,6 +33,7 @@ from ingest.topics import topic
 log = logging.getLogger(__name__)
 
 KEYS_LOADING_RETRY_AFTER = "1"  # seconds; a replica reads the keys topic in about that
+SEGMENT_ROUTES = ("page", "screen", "group", "alias")  # Segment's calls (gateway/segment.py)
 KEY_FORMAT = re.compile(r"(pk|sk|rk)_(live|test)_[A-Za-z0-9]{16,128}")
 
 # Which key kinds may call which route; the error code when one may not.
@@ -41,7 +42,7 @@ ROUTE_KINDS: dict[str, tuple[frozenset[str], str]] = {
     "identify": (frozenset({"pk", "sk"}), "read_only_key"),
     "batch": (frozenset({"pk", "sk"}), "read_only_key"),
     "forget": (frozenset({"sk"}), "forget_requires_secret_key"),
-}
+} | {route: (frozenset({"pk", "sk"}), "read_only_key") for route in SEGMENT_ROUTES}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The four ingest endpoints: authenticate -> read and validate -> limit -> publish -> 202.
+"""The ingest endpoints: authenticate -> read and validate -> limit -> publish -> 202.
 
 Each is a plain ASGI app (`IngestEndpoint`): the hot path builds no Request or Response objects.
 `ROUTES` says, per route, how a body becomes records and which setting bounds its size.
@@ -21,6 +21,8 @@ from gateway.decompress import decode_body
 from gateway.publish import BrokerUnavailable
 from gateway.query_key import authorization
 from gateway.responses import error_response, send_json
+from gateway.segment import SINGLE_ROUTES, is_segment_batch, is_segment_message, parse_single
+from gateway.segment import records as segment_records
 from gateway.validate import InvalidBody
 from ingest.records import Context, encode, record_key
 
@@ -85,6 +87,7 @@ class Accepted:
     topic: str
     records: list[tuple[bytes, bytes]]  # (key, encoded value): encoding fails here, not later
     answer: dict[str, Any]
+    status: int = 202  # Segment's messages: 200, the only success RudderStack's SDKs know
 
 
 Parser = Callable[["Gateway", Context, bytes, Principal, int], Accepted]
@@ -103,17 +106,49 @@ def _encoded(records: list[Any], key: Callable[[Any], bytes] = _key) -> list[tup
         raise InvalidBody("invalid_payload", [{"field": "(body)", "message": str(error)}]) from None
 
 
+def _segment(
+    gw: Gateway, ctx: Context, who: Principal, now: int, body: dict[str, Any], route: str | None
+) -> Accepted:
+    """Segment's messages: one (`route` gives its type) or a `{"batch": [...]}`."""
+    messages, defaults = [body], {}
+    if route is None:
+        messages = body["batch"] if isinstance(body["batch"], list) else [None]
+        defaults = {k: body[k] for k in ("context", "integrations", "sentAt") if k in body}
+    args = (who.project, ctx, now, who.kind == "sk")
+    records, refused = segment_records(gw.validator, messages, defaults, route, *args)
+    ids = [r["event_id"] for r in records]
+    answer = {"ok": True, "event_ids": ids} if route is None else {"ok": True, "event_id": ids[0]}
+    return Accepted(
+        gw.raw_topic, _encoded(records), answer | ({"rejected": refused} if refused else {}), 200
+    )
+
+
+def _segment_route(kind: str) -> Parser:
+    """The parser of Segment's /v1/<kind>, which takes only Segment messages of that type."""
+
+    def parse(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) -> Accepted:
+        return _segment(gw, ctx, who, now, parse_single(body), kind)
+
+    return parse
+
+
 def _track(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) -> Accepted:
+    if (message := is_segment_message(body)) is not None:
+        return _segment(gw, ctx, who, now, message, "track")
     record = gw.validator.track(body, who.project, ctx, now, who.kind == "sk")
     return Accepted(gw.raw_topic, _encoded([record]), {"ok": True, "event_id": record["event_id"]})
 
 
 def _identify(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) -> Accepted:
+    if (message := is_segment_message(body)) is not None:
+        return _segment(gw, ctx, who, now, message, "identify")
     record = gw.validator.identify(body, who.project, ctx, now, who.kind == "sk")
     return Accepted(gw.raw_topic, _encoded([record]), {"ok": True, "event_id": record["event_id"]})
 
 
 def _batch(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) -> Accepted:
+    if (segment_body := is_segment_batch(body)) is not None:
+        return _segment(gw, ctx, who, now, segment_body, None)
     records = gw.validator.batch(body, who.project, ctx, now, who.kind == "sk")
     return Accepted(
         gw.raw_topic,
@@ -138,7 +173,7 @@ ROUTES: dict[str, tuple[Parser, str]] = {
     "identify": (_identify, "track_max_bytes"),
     "batch": (_batch, "batch_max_bytes"),
     "forget": (_forget, "track_max_bytes"),
-}
+} | {route: (_segment_route(route), "track_max_bytes") for route in SINGLE_ROUTES}
 
 
 def _headers(scope: Scope) -> Headers:
@@ -161,6 +196,8 @@ class IngestEndpoint:
         self.gateway = gateway
         self.route = route
         self.parse, limit_field = ROUTES[route]
+        # Segment's page/screen/group/alias are tracking calls: they share track's limit.
+        self.limit_route = "track" if route in SINGLE_ROUTES else route
         self.limit = getattr(gateway.settings, limit_field)
         self.body_timeout_s = gateway.settings.body_timeout_s
 
@@ -196,7 +233,9 @@ class IngestEndpoint:
             accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))
             # The project's limit counts valid requests; invalid ones cost their sender's budget.
             decision = await gw.limiter.check(
-                principal.project, route, gw.limit_for(route, principal.project)
+                principal.project,
+                self.limit_route,
+                gw.limit_for(self.limit_route, principal.project),
             )
             if not decision.allowed:
                 retry_after = str(max(1, math.ceil(decision.retry_after)))
@@ -205,7 +244,9 @@ class IngestEndpoint:
                 )
             else:
                 await gw.publisher.publish(accepted.topic, accepted.records)
-                await send_json(send, 202, accepted.answer, cors(gw.keys, origin, principal))
+                await send_json(
+                    send, accepted.status, accepted.answer, cors(gw.keys, origin, principal)
+                )
                 return
         except InvalidBody as error:
             extra = {"details": error.details} if error.details else {}

@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gateway.auth import ROUTE_KINDS
-from gateway.models import BatchBody, ForgetBody, IdentifyBody, TrackBody
+from gateway.auth import ROUTE_KINDS, SEGMENT_ROUTES
+from gateway.models import BatchBody, ForgetBody, IdentifyBody, SegmentMessage, TrackBody
 from gateway.responses import (
     BatchAccepted,
     ErrorBody,
@@ -40,6 +40,9 @@ OPERATIONS: dict[str, tuple[str, type[BaseModel], type[BaseModel]]] = {
     ),
     "batch": ("Track many events, all or nothing.", BatchBody, BatchAccepted),
     "forget": ("Request erasure of a user's events (sk_ keys only).", ForgetBody, ForgetAccepted),
+} | {
+    route: (f"Segment's `{route}` call (HTTP Basic or Bearer key).", SegmentMessage, TrackAccepted)
+    for route in SEGMENT_ROUTES
 }
 HOOK_ERRORS = [
     "invalid_json",
@@ -54,6 +57,7 @@ HOOK_ERRORS = [
     "rate_limited",
     "broker_unavailable",
 ]
+SEGMENT_BODIES = {"track", "identify", "batch", *SEGMENT_ROUTES}  # they answer Segment's with 200
 PER_REQUEST_STAGES = ("validate", "authenticate", "limit", "publish")
 RETRY_AFTER = {
     "Retry-After": {
@@ -115,20 +119,21 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     for route, (summary, request, accepted) in OPERATIONS.items():
         limit = settings.batch_max_bytes if route == "batch" else settings.track_max_bytes
         kinds = ", ".join(f"{k}_" for k in sorted(ROUTE_KINDS[route][0]))
+        ok = {"description": "Acknowledged by the broker.", "content": _json(accepted.__name__)}
+        segment_ok = ok | {"description": "A Segment body, acknowledged by the broker."}
         post = {
             "operationId": route,
             "summary": summary,
             "description": f"Keys: {kinds}. Body at most {limit} bytes.",
             "security": [
                 {"bearer": []},
+                {"basic": []},
                 *([{"query_key": []}] if "pk" in ROUTE_KINDS[route][0] else []),
             ],
             "requestBody": {"required": True, "content": _json(request.__name__)},
             "responses": {
-                "202": {
-                    "description": "Acknowledged by the broker.",
-                    "content": _json(accepted.__name__),
-                },
+                **({} if route in SEGMENT_ROUTES else {"202": ok}),
+                **({"200": segment_ok} if route in SEGMENT_BODIES else {}),
                 **_error_responses(route_errors(route)),
             },
         }
@@ -205,6 +210,11 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "schemas": schemas,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
+                "basic": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "The key as user name, empty password (Segment's SDKs).",
+                },
                 "query_key": {
                     "type": "apiKey",
                     "in": "query",

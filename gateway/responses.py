@@ -32,6 +32,10 @@ class BatchAccepted(_Strict):
 
     ok: Literal[True]
     event_ids: list[str]
+    rejected: list[ErrorDetail] | None = Field(
+        None,
+        description="Segment batches only (200): the messages refused, the others accepted.",
+    )
 
 
 class ForgetAccepted(_Strict):

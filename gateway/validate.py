@@ -182,15 +182,27 @@ class Validator:
     ) -> list[RawEvent]:
         """Validate a /v1/batch body: all events or none."""
         batch = _parse(BatchBody, body, indexed=True)
-        if not batch.events:
+        return self.accept(batch.events, project, ctx, now, trusted, indexed=True)
+
+    def accept(
+        self,
+        events: list[TrackEvent],
+        project: str,
+        ctx: Context,
+        now: int,
+        trusted: bool,
+        indexed: bool,
+    ) -> list[RawEvent]:
+        """Parsed events -> raw records, all or none: the batch, size and time limits."""
+        if not events:
             raise InvalidBody("invalid_payload", [{"field": "events", "message": "empty batch"}])
-        if len(batch.events) > self.batch_max_events:
+        if len(events) > self.batch_max_events:
             raise InvalidBody(
                 "payload_too_large",
                 [
                     {
                         "field": "events",
-                        "message": f"{len(batch.events)} events; "
+                        "message": f"{len(events)} events; "
                         f"at most {self.batch_max_events} per call",
                     }
                 ],
@@ -198,14 +210,14 @@ class Validator:
         _refuse(
             [
                 p
-                for i, e in enumerate(batch.events)
+                for i, e in enumerate(events)
                 for p in (
-                    self._check_size(e.properties, "properties", i),
-                    self._check_time(e.timestamp, now, i),
+                    self._check_size(e.properties, "properties", i if indexed else None),
+                    self._check_time(e.timestamp, now, i if indexed else None),
                 )
             ]
         )
-        return [self._record(e, project, ctx, now, trusted) for e in batch.events]
+        return [self._record(e, project, ctx, now, trusted) for e in events]
 
     def identify(
         self, body: bytes, project: str, ctx: Context, now: int, trusted: bool

@@ -42,6 +42,7 @@ class RawEvent(TypedDict):
     referrer: str | None
     properties: dict[str, Any]
     traits: NotRequired[dict[str, Any]]
+    campaign: NotRequired[dict[str, str]]  # utm_* from Segment's context.campaign
     context: Context
 
 

@@ -275,11 +275,18 @@ class Classifier:
     def _known(self, source: str) -> Known | None:
         return self._refs.lookup_source(source)
 
-    def classify(self, url: str | None, referrer: str | None) -> Classification:
-        """Classify one visit; never raises on junk input (non-strings count as missing)."""
+    def classify(
+        self, url: str | None, referrer: str | None, campaign: Mapping[str, str] | None = None
+    ) -> Classification:
+        """Classify one visit; never raises on junk input (non-strings count as missing).
+
+        `campaign`: utm_* values sent beside the URL (Segment's context.campaign), used only
+        when the URL itself has no utm_ parameter."""
         url = url if isinstance(url, str) else ""
         referrer = referrer if isinstance(referrer, str) else ""
         params = _extract(url, self._wanted)
+        if campaign and not any(k in params for k in _UTM):
+            params = {**params, **{k: v for k in _UTM if isinstance(v := campaign.get(k), str)}}
         # Table order decides when several ids are present (gclid before gad_source).
         click = next((c for c in self._clicks if c.param in params), None) if params else None
         utm_source, utm_medium, utm_campaign = (params.get(k, "") for k in _UTM)

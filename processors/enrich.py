@@ -81,7 +81,7 @@ class Enricher:
         ts = raw["timestamp"]
         ctx = raw["context"]
         classifier = self._project_classifiers.get(project, self._classifier)
-        source = classifier.classify(raw["url"], raw["referrer"])
+        source = classifier.classify(raw["url"], raw["referrer"], raw.get("campaign"))
         device = self._user_agents.parse(ctx.get("user_agent"))
         derived = self.ip_derived(raw)
         # An identify's properties are its traits (the identities table keeps the latest).

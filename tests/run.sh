@@ -25,6 +25,10 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# @segment/analytics-node for tests/test_segment_sdks.py (skipped without node or npm).
+if command -v npm >/dev/null && command -v node >/dev/null; then
+  (cd tests/segment_node && npm ci --no-audit --no-fund --silent)
+fi
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -452,6 +452,15 @@ def test_chatgpt_utm_source(clf: Classifier) -> None:
     assert (c.source, c.medium, c.channel) == ("chatgpt.com", "(not set)", "AI Assistants")
 
 
+def test_campaign_beside_the_url_counts_as_utm_unless_the_url_has_its_own(clf: Classifier) -> None:
+    campaign = {"utm_source": "Newsletter", "utm_medium": "email", "utm_campaign": "spring"}
+    c = clf.classify("https://shop.example/", "https://www.google.com/", campaign)
+    assert (c.source, c.medium, c.campaign, c.channel) == ("newsletter", "email", "spring", "Email")
+    tagged = "https://shop.example/?utm_source=facebook&utm_medium=cpc"
+    c = clf.classify(tagged, None, campaign)
+    assert (c.source, c.medium, c.campaign) == ("facebook", "cpc", "")
+
+
 def test_long_and_malformed_urls(clf: Classifier) -> None:
     long_url = f"{SITE}?{'x=1&' * 25_000}utm_source=bing&utm_medium=cpc&utm_campaign={'c' * 5000}"
     c = clf.classify(long_url, "h" * 100_000)

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from gateway import rate_limit, webhook_schemes
+from gateway import rate_limit, segment, webhook_schemes
 from ingest import errors, settings, topics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -19,6 +19,7 @@ TABLES = {
     "settings": settings.markdown_table,
     "limits": rate_limit.markdown_table,
     "webhooks": webhook_schemes.markdown_table,
+    "segment": segment.markdown_table,
 }
 
 
