@@ -74,7 +74,14 @@ def cluster_statements(sql: str, cluster: str, database: str) -> list[str]:
         table, change = match.groups()
         statements = [f"ALTER TABLE {database}.{table}{LOCAL} {on} {change}"]
         if _COLUMNS.match(change):
-            statements.append(f"ALTER TABLE {database}.{table} {on} {change}")
+            # ALTER … ON CLUSTER refuses a Distributed table on a replicated cluster (it is not
+            # replicated itself): recreate it over the altered local table instead.
+            sharding = SHARDING_KEYS.get(table, VIEW_FED_SHARDING_KEY)
+            statements += [
+                f"DROP TABLE IF EXISTS {database}.{table} {on}",
+                f"CREATE TABLE IF NOT EXISTS {database}.{table} {on} AS {database}.{table}{LOCAL} "
+                f"ENGINE = Distributed({cluster}, {database}, {table}{LOCAL}, {sharding})",
+            ]
         return statements
     if match := _DELETE.fullmatch(sql.strip()):
         table, where = match.groups()

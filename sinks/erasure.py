@@ -27,6 +27,7 @@ from ingest.records import Erasure, ForgetStatusRecord
 from ingest.secret_file import read_or_create
 from ingest.settings import Settings
 from sinks.clickhouse import ClickHouse
+from sinks.cluster import LOCAL, statements_for
 from sinks.erasure_sql import chunks, quote
 from sinks.migrate import migrations, statements
 
@@ -95,36 +96,35 @@ class ErasureExecutor:
     def _rows(self, sql: str) -> list[list[str]]:
         return [line.split("\t") for line in self._ch.query_tsv(sql).splitlines()]
 
-    def _mutations(self, table: str) -> set[str]:
-        return {
-            row[0]
-            for row in self._rows(
-                "SELECT mutation_id FROM system.mutations "
-                f"WHERE database = currentDatabase() AND table = {quote(table)}"
-            )
-        }
+    def _mutation_ids(self, table: str, done: bool = False) -> set[str]:
+        """Mutation ids of `table` (its local tables on a cluster) on every replica; with
+        `done`, only those finished on every replica (a replicated mutation has one id)."""
+        local = f"{table}{LOCAL}" if self._ch.cluster else table
+        sql = (
+            "SELECT mutation_id FROM system.mutations WHERE database = currentDatabase() "
+            f"AND table = {quote(local)}" + (" AND is_done = 1" if done else "")
+        )
+        per_replica = [set(out.split()) for out in self._ch.query_every_replica(sql)]
+        return set.intersection(*per_replica) if done else set.union(*per_replica)
 
     def _delete(self, table: str, wheres: list[str]) -> None:
         """Delete, and remember the mutations this made (only those are waited for)."""
-        before = self._mutations(table)
+        before = self._mutation_ids(table)
         for where in wheres:
             if table == "events" and self._lightweight:
-                self._ch.execute(f"DELETE FROM events WHERE {where}")
+                sql = f"DELETE FROM events WHERE {where}"
             else:
-                self._ch.execute(f"ALTER TABLE {table} DELETE WHERE {where}")
-        self._unfinished.setdefault(table, set()).update(self._mutations(table) - before)
+                sql = f"ALTER TABLE {table} DELETE WHERE {where}"
+            for statement in statements_for(self._ch, sql):  # ON CLUSTER on a cluster
+                self._ch.execute(statement)
+        self._unfinished.setdefault(table, set()).update(self._mutation_ids(table) - before)
 
     def wait_for_mutations(self, sleep: Callable[[float], None] = time.sleep) -> None:
         """Wait for this executor's own deletes, at most the timeout; raise MutationsPending."""
         deadline = time.monotonic() + self._timeout
         while True:
             for table, ids in list(self._unfinished.items()):
-                listed = ", ".join(quote(i) for i in ids) or "''"
-                done = self._rows(
-                    "SELECT mutation_id FROM system.mutations WHERE database = currentDatabase() "
-                    f"AND table = {quote(table)} AND mutation_id IN ({listed}) AND is_done = 1"
-                )
-                ids.difference_update(row[0] for row in done)
+                ids.difference_update(self._mutation_ids(table, done=True))
                 if not ids:
                     del self._unfinished[table]
             running = sum(map(len, self._unfinished.values()))

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from bench.services import ClickHouseServer, Proc, stage
+from ingest.records import Erasure
 from sinks.clickhouse import Features, ServerClickHouse
-from sinks.cluster import cluster_statements, pending_mutations, statements_for
+from sinks.cluster import cluster_statements, pending_mutations
+from sinks.erasure import ErasureExecutor
 from sinks.migrate import LEDGER, migrations, statements
 from tests.clickhouse_cluster import CLUSTER, clickhouse_cluster
 from tests.test_sinks import enriched, produce
@@ -28,7 +30,7 @@ def test_every_migration_statement_has_a_cluster_form(version: tuple[int, int]) 
     rendered = [LEDGER] + [s for _, _, t in migrations() for s in statements(t, features)]
     for sql in rendered:
         forms = cluster_statements(sql, "c", "db")
-        assert all(" ON CLUSTER c " in form for form in forms), sql
+        assert all(" ON CLUSTER c " in f"{form} " for form in forms), sql
     events = cluster_statements(rendered[1], "c", "db")
     assert events[0].startswith("CREATE TABLE IF NOT EXISTS db.events_local ON CLUSTER c (")
     assert (
@@ -53,7 +55,9 @@ def test_mutations_become_cluster_mutations_on_the_local_tables() -> None:
         "ALTER TABLE events ADD COLUMN IF NOT EXISTS x String", "c", "db"
     ) == [
         "ALTER TABLE db.events_local ON CLUSTER c ADD COLUMN IF NOT EXISTS x String",
-        "ALTER TABLE db.events ON CLUSTER c ADD COLUMN IF NOT EXISTS x String",
+        "DROP TABLE IF EXISTS db.events ON CLUSTER c",
+        "CREATE TABLE IF NOT EXISTS db.events ON CLUSTER c AS db.events_local "
+        "ENGINE = Distributed(c, db, events_local, cityHash64(project, anonymous_id))",
     ]
 
 
@@ -91,6 +95,21 @@ def _counts(server: ClickHouseServer) -> str:
     )
 
 
+def forget_of(anonymous_id: str) -> Erasure:
+    """A forget of one device of the `demo` project, received now."""
+    now = int(time.time() * 1000)
+    return {
+        "v": 1,
+        "forget_id": f"fgt_{anonymous_id}",
+        "project": "demo",
+        "user_id": None,
+        "anonymous_ids": [anonymous_id],
+        "cutoff": now,
+        "suppress": False,
+        "requested_at": now,
+    }
+
+
 def _sink(bootstrap: str, server: ClickHouseServer, data_dir: Path) -> Proc:
     """A sink writing to the cluster through `server`, in small batches (many inserts)."""
     env = {
@@ -99,6 +118,7 @@ def _sink(bootstrap: str, server: ClickHouseServer, data_dir: Path) -> Proc:
         "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
         "MILLIMETRIC_CLICKHOUSE_URL": server.url(DATABASE),
         "MILLIMETRIC_CLICKHOUSE_CLUSTER": CLUSTER,
+        "MILLIMETRIC_FORGET_AUDIT_KEY": "test-audit-key",
         "MILLIMETRIC_SINK_BATCH_ROWS": "250",
         "MILLIMETRIC_SINK_BATCH_SECONDS": "0.2",
         "MILLIMETRIC_DATA_DIR": str(data_dir),
@@ -126,15 +146,16 @@ def test_sink_writes_through_the_cluster_while_a_replica_restarts(
         finally:
             sink.stop()
 
-        # A delete in its cluster form reaches every replica (what forget runs).
+        # A forget, as the sink's executor runs it, reaches every replica.
         ch = ServerClickHouse(writer.url(DATABASE), CLUSTER)
         try:
             person = "project = 'demo' AND anonymous_id = 'a3'"
             erased = int(ch.query_tsv(f"SELECT count() FROM events WHERE {person}"))
             assert erased == EVENTS // 10
-            for statement in statements_for(ch, f"ALTER TABLE events DELETE WHERE {person}"):
-                ch.execute(statement)
-            _wait(lambda: pending_mutations(ch), 0)
+            executor = ErasureExecutor(ch, b"audit-key", grace_s=0, mutation_timeout_s=60)
+            [status] = executor.execute([forget_of("a3")], sleep=lambda _: None)
+            assert status["status"] == "done"
+            assert pending_mutations(ch) == 0
         finally:
             ch.close()
         for replica in cluster.replicas:

@@ -198,7 +198,11 @@ def test_deployments_probe_what_the_stages_serve() -> None:
         for line in (K8S / "secret.env.example").read_text().splitlines()
         if line and not line.startswith("#")
     }
-    assert {"MILLIMETRIC_IP_SALT", "MILLIMETRIC_CLICKHOUSE_URL"} <= secret_keys
+    assert {
+        "MILLIMETRIC_IP_SALT",
+        "MILLIMETRIC_FORGET_AUDIT_KEY",
+        "MILLIMETRIC_CLICKHOUSE_URL",
+    } <= secret_keys
     for stage, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] >= 20

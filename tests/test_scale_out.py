@@ -118,6 +118,7 @@ def test_every_accepted_event_lands_once_through_kills(
         "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": fresh_broker,
         "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
         "MILLIMETRIC_IP_SALT": "test-salt",
+        "MILLIMETRIC_FORGET_AUDIT_KEY": "test-audit-key",
         "MILLIMETRIC_CLICKHOUSE_URL": ch_url,
         "MILLIMETRIC_SINK_BATCH_SECONDS": "0.3",
         "MILLIMETRIC_SINK_BATCH_ROWS": "200",
