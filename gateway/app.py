@@ -30,10 +30,12 @@ from gateway.rate_limit import (
     RedisRateLimiter,
     load_default_limits,
 )
+from gateway.request_metrics import RequestMetrics
 from gateway.responses import error_response, json_response
 from gateway.snippet import build as build_snippet
 from gateway.snippet import serve as serve_snippet
 from gateway.validate import Validator
+from ingest.metrics import READY, serve
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 
@@ -73,9 +75,11 @@ class Gateway:
         await ensure_topics(self.bootstrap, self.settings.kafka_replication_factor)
         await self.publisher.start()
         await self.keys.start()
+        READY.labels("gateway").set(1)
 
     async def stop(self) -> None:
         """Stop in reverse order."""
+        READY.labels("gateway").set(0)
         await self.keys.stop()
         await self.publisher.stop()
         await self.limiter.close()
@@ -180,8 +184,9 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
 
 def run(settings: Settings, bootstrap: str) -> None:
     """Serve the gateway until SIGINT/SIGTERM (uvloop + httptools)."""
+    serve("gateway", settings.gateway_metrics_port, settings.metrics_host)
     uvicorn.run(
-        build_app(settings, bootstrap),
+        RequestMetrics(build_app(settings, bootstrap)),
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop",

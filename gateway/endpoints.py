@@ -20,6 +20,7 @@ from gateway.publish import BrokerUnavailable
 from gateway.query_key import authorization
 from gateway.responses import error_response, send_json
 from gateway.validate import InvalidBody
+from ingest.metrics import ACCEPTED, RATE_LIMITED
 from ingest.records import Context, encode, record_key
 
 if TYPE_CHECKING:
@@ -165,12 +166,14 @@ class IngestEndpoint:
                 principal.project, route, gw.limit_for(route, principal.project)
             )
             if not decision.allowed:
+                RATE_LIMITED.labels(route).inc()
                 retry_after = str(max(1, math.ceil(decision.retry_after)))
                 answer = error_response(
                     "rate_limited", {**cors(gw.keys, origin, principal), "retry-after": retry_after}
                 )
             else:
                 await gw.publisher.publish(accepted.topic, accepted.records)
+                ACCEPTED.labels(route).inc(len(accepted.records))
                 await send_json(send, 202, accepted.answer, cors(gw.keys, origin, principal))
                 return
         except InvalidBody as error:

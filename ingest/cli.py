@@ -7,6 +7,7 @@ millimetric keys limits              a project's rate limit on one route
 millimetric sql "SELECT ..."         query the configured ClickHouse (TSV)
 millimetric forget status ID         whether an erasure is done, with what it deleted
 millimetric classify --url URL       explain how a visit would be attributed
+millimetric status [--json|--watch] the pipeline's health, from the stages' metrics
 millimetric bench [--quick]          every stage's throughput beside a same-run baseline
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -217,6 +219,23 @@ def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
     return run_classify_cli(args.url, args.referrer, sys.stdin, sys.stdout)
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest import status
+
+    if args.watch:
+        with contextlib.suppress(KeyboardInterrupt):
+            status.watch(settings, args.interval)
+        return 0
+    figures = status.collect(status.metrics_urls(settings))
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(figures))
+    else:
+        from rich.console import Console
+
+        Console().print(status.render(figures))
+    return 1 if figures["unhealthy"] else 0
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -285,6 +304,18 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument("--url")
     classify.add_argument("--referrer")
     classify.set_defaults(run=cmd_classify)
+
+    st = sub.add_parser(
+        "status",
+        help="the pipeline on one screen, from the stages' metrics",
+        description="Example: millimetric status --json | jq .lag\n"
+        "Exit status 1 when something is unhealthy.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    st.add_argument("--json", action="store_true", help="one JSON object (also when piped)")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    st.set_defaults(run=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmark every stage against same-run baselines")
     bench.add_argument("--quick", action="store_true", help="small sizes: about 4 minutes")

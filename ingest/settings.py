@@ -130,6 +130,31 @@ class Settings(BaseSettings):
         description="Days `events` keeps rows (a TTL, on servers that have TTL); unset: "
         "forever. Aggregates are kept.",
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Bind address of every stage's metrics port (`0.0.0.0` for a Prometheus "
+        "elsewhere); `millimetric status` reads the stages there.",
+    )
+    gateway_metrics_port: int | None = Field(
+        None,
+        description="Serve the gateway's Prometheus metrics on this port (never on the public "
+        "port); unset: none.",
+    )
+    processor_metrics_port: int | None = Field(
+        None, description="Serve the processor's Prometheus metrics on this port; unset: none."
+    )
+    sink_metrics_port: int | None = Field(
+        None, description="Serve the sink's Prometheus metrics on this port; unset: none."
+    )
+    status_metrics_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where `millimetric status` reads each stage (JSON, e.g. "
+        '`{"gateway": "http://gw:9101/metrics"}`); a stage not named: its metrics port on '
+        "MILLIMETRIC_METRICS_HOST, or the running `dev`'s.",
+    )
+    lag_interval_s: float = Field(
+        5.0, description="How often the processor and sink measure their consumer lag."
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     def ip_salt_value(self) -> bytes:
@@ -144,8 +169,7 @@ def markdown_table() -> str:
     lines = ["| env var | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         value = field.get_default(call_default_factory=True)
-        default = (
-            "" if value is None else f"`{json.dumps(value) if isinstance(value, list) else value}`"
-        )
+        shown = json.dumps(value) if isinstance(value, list | dict) else value
+        default = "" if value is None else f"`{shown}`"
         lines.append(f"| `MILLIMETRIC_{name.upper()}` | {default} | {field.description} |")
     return "\n".join(lines)

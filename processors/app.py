@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaProducer
 
+from ingest.lag import watch_in_thread
+from ingest.metrics import DEAD_LETTERS, DROPPED, PROCESSED, READY, STEP_SECONDS, serve
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.settings import Settings
@@ -155,6 +158,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     )
 
     async def dead_letter(value: bytes, error: Exception) -> None:
+        DEAD_LETTERS.labels("processor", "unprocessable").inc()
         await dead_topic.send(
             key=b"processor",
             value=encode(
@@ -180,10 +184,12 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         )
         await producer.start()
         publisher = BatchPublisher(producer, enriched.name)
+        READY.labels("processor").set(1)
         try:
             async for events in stream.take_events(
                 settings.processor_batch_size, within=settings.processor_batch_seconds
             ):
+                started = time.perf_counter()
                 out: list[tuple[bytes, bytes]] = []
                 for event in events:
                     key, value = event.key, event.value
@@ -209,11 +215,15 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                         await dead_letter(value, error)
                         continue
                     if enriched_event["is_bot"] and settings.drop_bots:
+                        DROPPED.labels("bot").inc()
                         continue
                     out.append((key, encode(enriched_event)))
                 # take_events acks the step after this body: only once every record is acked.
                 await publish_until_acked(publisher, out)
+                PROCESSED.inc(len(out))
+                STEP_SECONDS.observe(time.perf_counter() - started)
         finally:
+            READY.labels("processor").set(0)
             await producer.stop()
 
     @app.agent(links_topic)
@@ -266,6 +276,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
 def run(settings: Settings, bootstrap: str) -> None:
     """Run a processor worker until it is stopped (SIGINT/SIGTERM)."""
     app = build_app(settings, bootstrap)
+    serve("processor", settings.processor_metrics_port, settings.metrics_host)
+    watch_in_thread(bootstrap, app.conf.id, require("raw")[0].name, settings.lag_interval_s)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     # Faust's terminal spinner lowers the root logger to DEBUG so that every log call spins it:
     # every debug call on the hot path then builds a LogRecord. No spinner, no such cost.

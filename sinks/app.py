@@ -19,6 +19,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from ingest.lag import watch_in_thread
+from ingest.metrics import DEAD_LETTERS, READY, RETRIES
+from ingest.metrics import serve as serve_metrics
 from ingest.records import decode, encode
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
@@ -114,6 +117,7 @@ class Sink:
     async def _undecodable(
         self, tp: TopicPartition, offset: int, value: bytes | None, error: Exception
     ) -> None:
+        DEAD_LETTERS.labels("sink", "undecodable").inc()
         await self.producer.send_and_wait(
             self.dead_letter.name,
             key=b"sink",
@@ -187,6 +191,7 @@ class Sink:
                 await self._dead_letter(part.row(0), f"clickhouse refused: {error}")
 
     async def _dead_letter(self, record: dict[str, Any], reason: str) -> None:
+        DEAD_LETTERS.labels("sink", "clickhouse_refused").inc()
         await self.producer.send_and_wait(
             self.dead_letter.name,
             key=b"sink",
@@ -205,6 +210,7 @@ class Sink:
             except Exception as error:
                 if is_content_error(error):
                     raise
+                RETRIES.labels("clickhouse_insert").inc()
                 log.warning(
                     "insert of %d rows failed (%r); retrying in %.1fs", batch.rows, error, delay
                 )
@@ -234,10 +240,13 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    serve_metrics("sink", settings.sink_metrics_port, settings.metrics_host)
     ch = await _connect(settings)
     erasures = ErasureFilter()
     sink = Sink(settings, bootstrap, ch, erasures)
     await sink.start()
+    READY.labels("sink").set(1)
+    watch_in_thread(bootstrap, GROUP_ID, sink.enriched.name, settings.lag_interval_s)
     log.info("sink writing to %s", ch.description)
     executor = ErasureExecutor(ch, erasures, settings.forget_grace_s)
     tasks = [
@@ -250,5 +259,6 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     try:
         await asyncio.gather(*tasks)
     finally:
+        READY.labels("sink").set(0)
         await sink.stop()
         ch.close()

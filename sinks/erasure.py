@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ingest.metrics import FORGETS
 from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.topics import topic
 from sinks.batch import EventBatch
@@ -232,6 +233,7 @@ async def execute_erasures(
             for tp, messages in (await consumer.getmany(timeout_ms=500)).items():
                 for message in messages:
                     erasure: Erasure = decode(message.value)
+                    FORGETS.labels("requested").inc()
                     while erasure["forget_id"] not in erasures.seen:  # our own filter first
                         await asyncio.sleep(0.1)
                     try:
@@ -242,10 +244,12 @@ async def execute_erasures(
                             key=f"forget:{status['forget_id']}".encode(),
                         )
                     except Exception:  # ClickHouse or the broker away: this forget again, later
+                        FORGETS.labels("failed").inc()
                         log.exception("forget %s failed; retrying", erasure["forget_id"])
                         consumer.seek(tp, message.offset)
                         await asyncio.sleep(5)
                         break
                     await consumer.commit({tp: message.offset + 1})
+                    FORGETS.labels("done").inc()
     finally:
         await consumer.stop()

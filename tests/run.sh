@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests start for real: ClickHouse server 18.16, Redis; wrk for benchmarks;
-# Chromium and its driver for the browser snippet's tests (Selenium drives them, no download).
+# Chromium and its driver for the browser snippet's tests (Selenium drives them, no download);
+# Prometheus (and its promtool) for the operations tests.
 need=()
 [ -x /usr/sbin/clickhouse-server ] || need+=(clickhouse-server)
 command -v redis-server >/dev/null || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+[ -x /usr/bin/prometheus ] || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from gateway import rate_limit
-from ingest import errors, settings, topics
+from ingest import errors, metrics, settings, topics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLES = {
@@ -18,6 +18,7 @@ TABLES = {
     "errors": errors.markdown_table,
     "settings": settings.markdown_table,
     "limits": rate_limit.markdown_table,
+    "metrics": metrics.markdown_table,
 }
 
 
