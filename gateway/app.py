@@ -35,7 +35,7 @@ from gateway.responses import error_response, json_response
 from gateway.snippet import build as build_snippet
 from gateway.snippet import serve as serve_snippet
 from gateway.validate import Validator
-from ingest.metrics import READY, serve
+from ingest.metrics import serve, set_serving
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 
@@ -75,11 +75,11 @@ class Gateway:
         await ensure_topics(self.bootstrap, self.settings.kafka_replication_factor)
         await self.publisher.start()
         await self.keys.start()
-        READY.labels("gateway").set(1)
+        set_serving("gateway", True)
 
     async def stop(self) -> None:
         """Stop in reverse order."""
-        READY.labels("gateway").set(0)
+        set_serving("gateway", False)
         await self.keys.stop()
         await self.publisher.stop()
         await self.limiter.close()

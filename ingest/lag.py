@@ -16,16 +16,26 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingest.metrics import LAG_RECORDS, LAG_SECONDS
+from ingest.metrics import LAG_RECORDS, LAG_SECONDS, set_lagging
+from ingest.settings import Settings
+from ingest.topics import topic
 
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 5.0
+
+# stage -> (its consumer group, the topic it consumes): the processor measures the sink's too,
+# so that the sink's lag keeps growing, and shows, while no sink runs.
+CONSUMER_GROUPS = {
+    "processor": ("millimetric-processor", "raw"),
+    "sink": ("millimetric-sink", "enriched"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,34 +117,46 @@ class LagMonitor:
         return lags
 
 
-async def watch(bootstrap: str, group: str, topic: str, interval_s: float) -> None:
-    """Measure a group's lag every `interval_s` until cancelled; a failed measurement is logged
-    and the next one tried (the gauges keep their last values meanwhile)."""
-    monitor = LagMonitor(bootstrap, group, topic)
-    while True:
-        try:
-            await monitor.start()
-            break
-        except Exception as error:
-            log.warning("lag monitor for %s cannot start yet (%r)", group, error)
-            await asyncio.sleep(interval_s)
-    try:
+async def watch(bootstrap: str, groups: Sequence[str], stage: str, settings: Settings) -> None:
+    """Measure the lag of `groups` (keys of CONSUMER_GROUPS) every MILLIMETRIC_LAG_INTERVAL_S
+    until cancelled; the stage's own group's lag decides its readiness when
+    MILLIMETRIC_READY_MAX_LAG_S is set. A failed measurement is logged and tried again (the
+    gauges keep their last values meanwhile)."""
+    monitors: list[LagMonitor] = []
+    for name in groups:
+        group, topic_key = CONSUMER_GROUPS[name]
+        monitor = LagMonitor(bootstrap, group, topic(topic_key).name)
         while True:
             try:
-                await monitor.measure()
+                await monitor.start()
+                break
             except Exception as error:
-                log.warning("measuring the lag of %s failed (%r)", group, error)
-            await asyncio.sleep(interval_s)
+                log.warning("lag monitor for %s cannot start yet (%r)", group, error)
+                await asyncio.sleep(settings.lag_interval_s)
+        monitors.append(monitor)
+    try:
+        while True:
+            for name, monitor in zip(groups, monitors, strict=True):
+                try:
+                    lags = await monitor.measure()
+                except Exception as error:
+                    log.warning("measuring the lag of %s failed (%r)", monitor.group, error)
+                    continue
+                if name == stage and settings.ready_max_lag_s is not None:
+                    oldest = max((lag.seconds for lag in lags.values()), default=0.0)
+                    set_lagging(stage, oldest > settings.ready_max_lag_s)
+            await asyncio.sleep(settings.lag_interval_s)
     finally:
-        await monitor.stop()
+        for monitor in monitors:
+            await monitor.stop()
 
 
-def watch_in_thread(bootstrap: str, group: str, topic: str, interval_s: float) -> None:
+def watch_in_thread(bootstrap: str, groups: Sequence[str], stage: str, settings: Settings) -> None:
     """Run `watch` on a daemon thread with its own event loop, apart from the stage's loop (and
     from Faust's), so that measuring never delays the stage's work."""
     threading.Thread(
         target=asyncio.run,
-        args=(watch(bootstrap, group, topic, interval_s),),
-        name=f"lag-{group}",
+        args=(watch(bootstrap, groups, stage, settings),),
+        name=f"lag-{stage}",
         daemon=True,
     ).start()

@@ -170,9 +170,25 @@ STAGE_SERIES: dict[str, list[tuple[MetricWrapperBase, tuple[str, ...]]]] = {
 }
 
 
+_serving: dict[str, bool] = {}
+_lagging: dict[str, bool] = {}
+
+
+def set_serving(stage: str, serving: bool) -> None:
+    """A stage started (True), or stops or drains (False); `millimetric_ready` follows."""
+    _serving[stage] = serving
+    READY.labels(stage).set(int(serving and not _lagging.get(stage, False)))
+
+
+def set_lagging(stage: str, lagging: bool) -> None:
+    """A stage's consumer group is behind MILLIMETRIC_READY_MAX_LAG_S, or no longer."""
+    _lagging[stage] = lagging
+    READY.labels(stage).set(int(_serving.get(stage, False) and not lagging))
+
+
 def serve(stage: str, port: int | None, host: str) -> None:
     """Serve the process's metrics as Prometheus text on host:port (in a thread); None: don't."""
-    READY.labels(stage).set(0)
+    set_serving(stage, False)
     for metric, labels in STAGE_SERIES[stage]:
         metric.labels(*labels)
     if port is not None:

@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     lag_interval_s: float = Field(
         5.0, description="How often the processor and sink measure their consumer lag."
     )
+    ready_max_lag_s: float | None = Field(
+        None,
+        description="The processor and sink report not ready (`millimetric_ready` 0) while "
+        "their oldest unconsumed record is older than this; unset: lag never makes them unready.",
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     def ip_salt_value(self) -> bytes:

@@ -109,14 +109,20 @@ def collect(urls: dict[str, str]) -> dict[str, Any]:
         )
         stages.append({"name": name, "metrics_url": url, "up": scraped is not None, "ready": ready})
         samples += scraped or []
-    lag: dict[str, dict[str, float]] = {}
+    # Several stages may measure one group (the processor measures the sink's too): the most
+    # recent figure per partition is not known, so take the largest.
+    partitions: dict[tuple[str, str, str, str], float] = {}
     for s in samples:
-        if s.name.startswith("millimetric_consumer_lag_"):
-            group = lag.setdefault(s.labels["group"], {"records": 0, "seconds": 0.0})
-            if s.name.endswith("_records"):
-                group["records"] += s.value
-            else:
-                group["seconds"] = max(group["seconds"], s.value)
+        if s.name in ("millimetric_consumer_lag_records", "millimetric_consumer_lag_seconds"):
+            key = (s.name, s.labels["group"], s.labels["topic"], s.labels["partition"])
+            partitions[key] = max(partitions.get(key, 0.0), s.value)
+    lag: dict[str, dict[str, float]] = {}
+    for (name, group, _, _), value in partitions.items():
+        figures = lag.setdefault(group, {"records": 0, "seconds": 0.0})
+        if name.endswith("_records"):
+            figures["records"] += value
+        else:
+            figures["seconds"] = max(figures["seconds"], value)
     last_insert = total(samples, "millimetric_sink_last_insert_timestamp_seconds")
     status: dict[str, Any] = {
         "stages": stages,

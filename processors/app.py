@@ -29,7 +29,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 
 from ingest.lag import watch_in_thread
-from ingest.metrics import DEAD_LETTERS, DROPPED, PROCESSED, READY, STEP_SECONDS, serve
+from ingest.metrics import DEAD_LETTERS, DROPPED, PROCESSED, STEP_SECONDS, serve, set_serving
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.settings import Settings
@@ -184,7 +184,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         )
         await producer.start()
         publisher = BatchPublisher(producer, enriched.name)
-        READY.labels("processor").set(1)
+        set_serving("processor", True)
         try:
             async for events in stream.take_events(
                 settings.processor_batch_size, within=settings.processor_batch_seconds
@@ -223,7 +223,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                 PROCESSED.inc(len(out))
                 STEP_SECONDS.observe(time.perf_counter() - started)
         finally:
-            READY.labels("processor").set(0)
+            set_serving("processor", False)
             await producer.stop()
 
     @app.agent(links_topic)
@@ -277,7 +277,8 @@ def run(settings: Settings, bootstrap: str) -> None:
     """Run a processor worker until it is stopped (SIGINT/SIGTERM)."""
     app = build_app(settings, bootstrap)
     serve("processor", settings.processor_metrics_port, settings.metrics_host)
-    watch_in_thread(bootstrap, app.conf.id, require("raw")[0].name, settings.lag_interval_s)
+    # The sink's lag too: it must grow while no sink runs.
+    watch_in_thread(bootstrap, ("processor", "sink"), "processor", settings)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     # Faust's terminal spinner lowers the root logger to DEBUG so that every log call spins it:
     # every debug call on the hot path then builds a LogRecord. No spinner, no such cost.

@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from ingest.lag import watch_in_thread
-from ingest.metrics import DEAD_LETTERS, READY, RETRIES
+from ingest.metrics import DEAD_LETTERS, RETRIES, set_serving
 from ingest.metrics import serve as serve_metrics
 from ingest.records import decode, encode
 from ingest.settings import Settings
@@ -245,8 +245,8 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     erasures = ErasureFilter()
     sink = Sink(settings, bootstrap, ch, erasures)
     await sink.start()
-    READY.labels("sink").set(1)
-    watch_in_thread(bootstrap, GROUP_ID, sink.enriched.name, settings.lag_interval_s)
+    set_serving("sink", True)
+    watch_in_thread(bootstrap, ("sink",), "sink", settings)
     log.info("sink writing to %s", ch.description)
     executor = ErasureExecutor(ch, erasures, settings.forget_grace_s)
     tasks = [
@@ -259,6 +259,6 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     try:
         await asyncio.gather(*tasks)
     finally:
-        READY.labels("sink").set(0)
+        set_serving("sink", False)
         await sink.stop()
         ch.close()

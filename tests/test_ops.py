@@ -89,7 +89,7 @@ def test_prometheus_scrapes_the_funnel_from_every_stage(pipeline: Pipeline, tmp_
             prometheus.wait_for(f'up{{job="millimetric-{stage}"}}', 1)
             prometheus.wait_for(f'millimetric_ready{{stage="{stage}"}}', 1)
         for group in GROUPS:  # caught up: nothing left to consume
-            prometheus.wait_for(f'sum(millimetric_consumer_lag_records{{group="{group}"}})', 0)
+            prometheus.wait_for(f'max(millimetric_consumer_lag_records{{group="{group}"}})', 0)
         prometheus.wait_for('count(millimetric_gateway_request_seconds_count{route="batch"})', 1)
         rules = prometheus.api("rules")
         assert isinstance(rules, dict)
@@ -161,3 +161,31 @@ def test_dashboard_and_rules_name_only_metrics_the_stages_expose(pipeline: Pipel
 def test_promtool_checks_the_alert_rules() -> None:
     out = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_sink_lag_grows_while_no_sink_runs(pipeline: Pipeline) -> None:
+    sink = pipeline.stages["sink"]
+    sink.stop()
+    try:
+        before = _status(pipeline)
+        assert before["lag"]["millimetric-sink"]["records"] == 0
+        assert pipeline.post("/v1/batch", _events(7, "lag")).status_code == 202
+        deadline = time.monotonic() + 90
+        status = before
+        while time.monotonic() < deadline:
+            status = _status(pipeline)
+            sink_lag, processor_lag = (status["lag"][g]["records"] for g in reversed(GROUPS))
+            if sink_lag == 7 and processor_lag == 0:
+                break
+            time.sleep(0.5)
+        assert status["lag"]["millimetric-sink"]["records"] == 7, status
+        assert status["lag"]["millimetric-sink"]["seconds"] > 0
+        assert status["lag"]["millimetric-processor"]["records"] == 0
+        assert "sink: no metrics at " + _metrics_url(pipeline, "sink") in status["unhealthy"]
+    finally:
+        sink.start()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and status["lag"]["millimetric-sink"]["records"]:
+        time.sleep(0.5)
+        status = _status(pipeline)
+    assert status["lag"]["millimetric-sink"] == {"records": 0, "seconds": 0}
