@@ -7,6 +7,7 @@ route label (`other` for anything unknown): a scanner's random paths add no seri
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,6 +37,9 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Children by label values: `labels()` takes a lock and builds a key every call.
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._timers: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,5 +58,12 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            REQUESTS.labels(route, str(status)).inc()
-            REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            counter = self._counters.get((route, status))
+            if counter is None:
+                counter = self._counters[route, status] = REQUESTS.labels(route, str(status))
+            counter.inc()
+            timer = self._timers.get(route)
+            if timer is None:
+                timer = self._timers[route] = REQUEST_SECONDS.labels(route)
+            timer.observe(elapsed)

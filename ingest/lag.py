@@ -153,7 +153,10 @@ async def watch(bootstrap: str, groups: Sequence[str], stage: str, settings: Set
 
 def watch_in_thread(bootstrap: str, groups: Sequence[str], stage: str, settings: Settings) -> None:
     """Run `watch` on a daemon thread with its own event loop, apart from the stage's loop (and
-    from Faust's), so that measuring never delays the stage's work."""
+    from Faust's), so that measuring never delays the stage's work. Nobody would see the
+    figures without a metrics port or a lag limit: then nothing runs."""
+    if getattr(settings, f"{stage}_metrics_port") is None and settings.ready_max_lag_s is None:
+        return
     threading.Thread(
         target=asyncio.run,
         args=(watch(bootstrap, groups, stage, settings),),
