@@ -35,6 +35,7 @@ from gateway.responses import error_response, json_response
 from gateway.snippet import build as build_snippet
 from gateway.snippet import serve as serve_snippet
 from gateway.validate import Validator
+from ingest.logs import dict_config
 from ingest.metrics import serve, set_serving
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
@@ -192,6 +193,7 @@ def run(settings: Settings, bootstrap: str) -> None:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level.lower(),
+        log_config=dict_config(settings.log_level),
         access_log=False,
         lifespan="on",
         # X-Forwarded-For is ours to judge (MILLIMETRIC_TRUSTED_PROXIES): uvicorn would otherwise

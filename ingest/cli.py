@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
+import logging.config
 import re
 import sys
 import time
@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from ingest.logs import dict_config
 from ingest.settings import Settings
 
 KEY_PROPAGATION_S = 1.0
@@ -328,9 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `millimetric` script."""
     args = parser().parse_args(argv)
     settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.config.dictConfig(dict_config(settings.log_level))
     return int(args.run(settings, args) or 0)
 
 

@@ -29,6 +29,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 
 from ingest.lag import watch_in_thread
+from ingest.logs import dict_config
 from ingest.metrics import DEAD_LETTERS, DROPPED, PROCESSED, STEP_SECONDS, serve, set_serving
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
@@ -279,7 +280,12 @@ def run(settings: Settings, bootstrap: str) -> None:
     serve("processor", settings.processor_metrics_port, settings.metrics_host)
     # The sink's lag too: it must grow while no sink runs.
     watch_in_thread(bootstrap, ("processor", "sink"), "processor", settings)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level.lower(),
+        quiet=True,
+        logging_config=dict_config(settings.log_level),
+    )
     # Faust's terminal spinner lowers the root logger to DEBUG so that every log call spins it:
     # every debug call on the hot path then builds a LogRecord. No spinner, no such cost.
     worker.spinner = None

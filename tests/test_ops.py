@@ -189,3 +189,16 @@ def test_sink_lag_grows_while_no_sink_runs(pipeline: Pipeline) -> None:
         time.sleep(0.5)
         status = _status(pipeline)
     assert status["lag"]["millimetric-sink"] == {"records": 0, "seconds": 0}
+
+
+def test_stage_logs_are_json_lines_off_a_terminal(pipeline: Pipeline) -> None:
+    lines = [
+        line
+        for stage in STAGES
+        for line in (pipeline.root / f"{stage}.log").read_text().splitlines()
+        if line.strip()
+    ]
+    assert any('"geo: ' in line for line in lines)  # the processor's start-up warning
+    for line in lines:
+        record = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= set(record), line
