@@ -36,7 +36,8 @@ from gateway.snippet import build as build_snippet
 from gateway.snippet import serve as serve_snippet
 from gateway.validate import Validator
 from ingest.logs import dict_config
-from ingest.metrics import serve, set_serving
+from ingest.metrics import set_serving
+from ingest.ops_port import serve
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 

@@ -3,7 +3,7 @@
 Code records through the objects below; the README's metrics table is rendered from `METRICS`,
 and tests check that every metric the dashboard and the alert rules name is in it. Labels are
 bounded (operation, stage, reason, route, code, status, table, group, topic, partition): never a
-key, a project id or a raw URL. Each stage serves them on its own port (`serve`).
+key, a project id or a raw URL. Each stage serves them on its own port (`ingest.ops_port`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Sequence
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 RETRIES = Counter(
@@ -177,22 +177,18 @@ _lagging: dict[str, bool] = {}
 def set_serving(stage: str, serving: bool) -> None:
     """A stage started (True), or stops or drains (False); `millimetric_ready` follows."""
     _serving[stage] = serving
-    READY.labels(stage).set(int(serving and not _lagging.get(stage, False)))
+    READY.labels(stage).set(int(is_ready(stage)))
 
 
 def set_lagging(stage: str, lagging: bool) -> None:
     """A stage's consumer group is behind MILLIMETRIC_READY_MAX_LAG_S, or no longer."""
     _lagging[stage] = lagging
-    READY.labels(stage).set(int(_serving.get(stage, False) and not lagging))
+    READY.labels(stage).set(int(is_ready(stage)))
 
 
-def serve(stage: str, port: int | None, host: str) -> None:
-    """Serve the process's metrics as Prometheus text on host:port (in a thread); None: don't."""
-    set_serving(stage, False)
-    for metric, labels in STAGE_SERIES[stage]:
-        metric.labels(*labels)
-    if port is not None:
-        start_http_server(port, host)
+def is_ready(stage: str) -> bool:
+    """Whether a stage serves and keeps up (what its /ready and `millimetric_ready` say)."""
+    return _serving.get(stage, False) and not _lagging.get(stage, False)
 
 
 def observe_insert(received_at_ms: Sequence[int], started: float) -> None:

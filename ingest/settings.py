@@ -137,14 +137,18 @@ class Settings(BaseSettings):
     )
     gateway_metrics_port: int | None = Field(
         None,
-        description="Serve the gateway's Prometheus metrics on this port (never on the public "
-        "port); unset: none.",
+        description="Serve the gateway's Prometheus metrics (and `/health`, `/ready`) on this "
+        "port, never on the public port; unset: none.",
     )
     processor_metrics_port: int | None = Field(
-        None, description="Serve the processor's Prometheus metrics on this port; unset: none."
+        None,
+        description="Serve the processor's Prometheus metrics (and `/health`, `/ready`) on "
+        "this port; unset: none.",
     )
     sink_metrics_port: int | None = Field(
-        None, description="Serve the sink's Prometheus metrics on this port; unset: none."
+        None,
+        description="Serve the sink's Prometheus metrics (and `/health`, `/ready`) on this "
+        "port; unset: none.",
     )
     status_metrics_urls: dict[str, str] = Field(
         default_factory=dict,

@@ -30,7 +30,8 @@ from aiokafka import AIOKafkaProducer
 
 from ingest.lag import watch_in_thread
 from ingest.logs import dict_config
-from ingest.metrics import DEAD_LETTERS, DROPPED, PROCESSED, STEP_SECONDS, serve, set_serving
+from ingest.metrics import DEAD_LETTERS, DROPPED, PROCESSED, STEP_SECONDS, set_serving
+from ingest.ops_port import serve
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.settings import Settings

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from ingest.lag import watch_in_thread
 from ingest.metrics import DEAD_LETTERS, RETRIES, set_serving
-from ingest.metrics import serve as serve_metrics
+from ingest.ops_port import serve as serve_metrics
 from ingest.records import decode, encode
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.error
+import urllib.request
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ingest.dev import free_port
 from ingest.lag import CONSUMER_GROUPS, watch
-from ingest.metrics import LAG_RECORDS, LAG_SECONDS, READY, set_serving
+from ingest.metrics import LAG_RECORDS, LAG_SECONDS, READY, set_lagging, set_serving
+from ingest.ops_port import serve
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
 
@@ -41,6 +45,7 @@ async def test_lag_counts_every_record_and_ready_follows_it(fresh_broker: str) -
     await producer.stop()
     settings = Settings(lag_interval_s=0.2, ready_max_lag_s=0.5)
     set_serving("sink", True)
+    set_lagging("sink", False)
     task = asyncio.create_task(watch(fresh_broker, ("sink",), "sink", settings))
     try:
         await _until(lambda: _gauge(LAG_RECORDS, group) == 5)
@@ -61,3 +66,25 @@ async def test_lag_counts_every_record_and_ready_follows_it(fresh_broker: str) -
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_ops_port_answers_ready_from_serving_and_lag() -> None:
+    port = free_port()
+    serve("sink", port, "127.0.0.1")  # not ready until the stage says it serves
+
+    def ready() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert ready() == 503
+    set_serving("sink", True)
+    assert ready() == 200
+    set_lagging("sink", True)
+    assert ready() == 503
+    set_lagging("sink", False)
+    assert ready() == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert b'millimetric_ready{stage="sink"} 1.0' in r.read()

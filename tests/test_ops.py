@@ -113,6 +113,11 @@ def test_status_json_reports_the_pipeline(pipeline: Pipeline) -> None:
         time.sleep(0.5)
     assert [(s["name"], s["ready"]) for s in status["stages"]] == [(s, True) for s in STAGES]
     assert status["stages"][0]["metrics_url"] == _metrics_url(pipeline, "gateway")
+    for stage in STAGES:  # the probes beside the metrics
+        for probe in ("health", "ready"):
+            url = _metrics_url(pipeline, stage).replace("/metrics", f"/{probe}")
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert json.loads(response.read()) == {"ok": True, "stage": stage}
     for figure in ("accepted_total", "processed_total", "inserted_total"):
         assert status[figure] == before[figure] + 10, (figure, status)
     assert set(status["lag"]) == set(GROUPS)
