@@ -207,3 +207,20 @@ def test_stage_logs_are_json_lines_off_a_terminal(pipeline: Pipeline) -> None:
     for line in lines:
         record = json.loads(line)
         assert {"time", "level", "logger", "message"} <= set(record), line
+
+
+def test_status_screen_shows_the_figures_and_the_problems(pipeline: Pipeline) -> None:
+    from rich.console import Console
+
+    from ingest.status import collect, rates, render
+
+    urls = {stage: _metrics_url(pipeline, stage) for stage in ("gateway", "processor")}
+    before = collect(urls)
+    assert pipeline.post("/v1/batch", _events(4, "screen")).status_code == 202
+    after = collect(urls)
+    console = Console(record=True, width=140)
+    console.print(render(after, rates(before, after, 2.0)))
+    screen = console.export_text()
+    assert "millimetric-processor" in screen and "freshness p50" in screen
+    assert f"{after['accepted_total']:.0f} (2.0/s)" in screen  # 4 events in 2 s
+    assert "sink: no metrics at (no URL set)" in screen
