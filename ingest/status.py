@@ -143,6 +143,7 @@ def collect(urls: dict[str, str]) -> dict[str, Any]:
             "p50": quantile(0.5, samples, "millimetric_freshness_seconds"),
             "p99": quantile(0.99, samples, "millimetric_freshness_seconds"),
         },
+        "freshness_count": total(samples, "millimetric_freshness_seconds_count"),
         "last_insert_age_seconds": round(time.time() - last_insert, 3) if last_insert else None,
     }
     status["unhealthy"] = problems(status)

@@ -83,8 +83,13 @@ def test_prometheus_scrapes_the_funnel_from_every_stage(pipeline: Pipeline, tmp_
             prometheus.wait_for(promql, before[figure] + n)
         assert prometheus.value('sum(millimetric_gateway_rejected_total{code="invalid_payload"})')
         assert prometheus.value("sum(millimetric_freshness_seconds_count)") >= n  # type: ignore[operator]
-        p50 = "histogram_quantile(0.5, sum by (le) (millimetric_freshness_seconds_bucket))"
-        assert prometheus.value(p50)
+        # `status` estimates quantiles as Prometheus does, from the same buckets.
+        sink_count = 'sum(millimetric_freshness_seconds_count{job="millimetric-sink"})'
+        prometheus.wait_for(sink_count, _status(pipeline)["freshness_count"])
+        status = _status(pipeline)
+        for q, key in ((0.5, "p50"), (0.99, "p99")):
+            promql = f"histogram_quantile({q}, sum by (le) (millimetric_freshness_seconds_bucket))"
+            assert prometheus.value(promql) == pytest.approx(status["freshness_seconds"][key])
         for stage in STAGES:
             prometheus.wait_for(f'up{{job="millimetric-{stage}"}}', 1)
             prometheus.wait_for(f'millimetric_ready{{stage="{stage}"}}', 1)
