@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     ready_max_lag_s: float | None = Field(
         None,
         description="The processor and sink report not ready (`millimetric_ready` 0) while "
-        "their oldest unconsumed record is older than this; unset: lag never makes them unready.",
+        "their oldest uncommitted record is older than this; unset: lag never makes them unready.",
     )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
