@@ -54,5 +54,11 @@ def serve(stage: str, port: int | None, host: str) -> None:
         metric.labels(*labels)
     if port is None:
         return
-    server = make_server(host, port, ops_app(stage), ThreadingWSGIServer, handler_class=_Quiet)
+    try:
+        server = make_server(host, port, ops_app(stage), ThreadingWSGIServer, handler_class=_Quiet)
+    except OSError as error:
+        raise SystemExit(
+            f"millimetric {stage}: cannot serve metrics on {host}:{port} ({error.strerror}); "
+            f"set MILLIMETRIC_{stage.upper()}_METRICS_PORT"
+        ) from None
     threading.Thread(target=server.serve_forever, name=f"ops-{stage}", daemon=True).start()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import urllib.error
 import urllib.request
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ingest.dev import free_port
@@ -88,3 +90,12 @@ def test_ops_port_answers_ready_from_serving_and_lag() -> None:
     assert ready() == 200
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         assert b'millimetric_ready{stage="sink"} 1.0' in r.read()
+
+
+def test_a_taken_metrics_port_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"127.0.0.1:{port} .*MILLIMETRIC_SINK_METRICS_PORT"):
+            serve("sink", port, "127.0.0.1")
