@@ -192,6 +192,12 @@ def test_sink_lag_grows_while_no_sink_runs(pipeline: Pipeline) -> None:
         assert status["lag"]["millimetric-sink"]["seconds"] > 0
         assert status["lag"]["millimetric-processor"]["records"] == 0
         assert "sink: no metrics at " + _metrics_url(pipeline, "sink") in status["unhealthy"]
+        assert status["stages"][2] == {
+            "name": "sink",
+            "metrics_url": _metrics_url(pipeline, "sink"),
+            "up": False,
+            "ready": False,
+        }
     finally:
         sink.start()
     deadline = time.monotonic() + 90
