@@ -98,6 +98,15 @@ LAST_INSERT = Gauge(
     "millimetric_sink_last_insert_timestamp_seconds",
     "Unix time of the sink's last successful insert (0: none yet).",
 )
+HEARTBEAT_SECONDS = Gauge(
+    "millimetric_heartbeat_seconds",
+    "Trip time (sink -> raw topic -> processor -> enriched topic -> sink) of the last heartbeat "
+    "this sink read (MILLIMETRIC_HEARTBEAT_INTERVAL_S).",
+)
+HEARTBEAT_AT = Gauge(
+    "millimetric_heartbeat_timestamp_seconds",
+    "Unix time this sink last read a heartbeat (0: none yet, or heartbeats are off).",
+)
 FRESHNESS = Histogram(
     "millimetric_freshness_seconds",
     "Per event: from the gateway receiving it to its row being inserted in ClickHouse.",
@@ -135,6 +144,8 @@ METRICS: tuple[MetricWrapperBase, ...] = (
     BATCH_ROWS,
     INSERT_SECONDS,
     LAST_INSERT,
+    HEARTBEAT_SECONDS,
+    HEARTBEAT_AT,
     FRESHNESS,
     DEAD_LETTERS,
     RETRIES,

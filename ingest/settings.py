@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         description="The processor and sink report not ready (`millimetric_ready` 0) while "
         "their oldest uncommitted record is older than this; unset: lag never makes them unready.",
     )
+    heartbeat_interval_s: float | None = Field(
+        None,
+        description="Every sink puts a heartbeat on the raw topic this often; it crosses the "
+        "processor back to the sinks (never into a table or a count), so freshness is known "
+        "without traffic (`millimetric_heartbeat_*`); unset: none.",
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     def ip_salt_value(self) -> bytes:

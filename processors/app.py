@@ -198,6 +198,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                     try:
                         record = decode(value)
                         kind = record["type"]
+                        if kind == "heartbeat":  # a sink's probe: on to the sinks, uncounted
+                            await publish_until_acked(publisher, [(key, value)])
+                            continue
                         if kind == "forget":
                             # Tables pick the changelog partition from the current event,
                             # which take_events does not set per item.

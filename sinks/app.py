@@ -19,6 +19,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from ingest.heartbeat import arrived, is_heartbeat
+from ingest.heartbeat import send_forever as send_heartbeats
 from ingest.lag import watch_in_thread
 from ingest.metrics import DEAD_LETTERS, RETRIES, set_serving
 from ingest.ops_port import serve as serve_metrics
@@ -100,7 +102,11 @@ class Sink:
             for tp, messages in fetched.items():
                 for message in messages:
                     try:
-                        add(decode(message.value or b""))
+                        record = decode(message.value or b"")
+                        if is_heartbeat(record):  # its trip time, never a row
+                            arrived(record)
+                            continue
+                        add(record)
                     except Exception as error:  # poison record: keep it, with the reason
                         await self._undecodable(tp, message.offset, message.value, error)
                 if messages:
@@ -256,6 +262,8 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     ]
     if settings.clickhouse_url is None:
         tasks.append(serve_sql(ch, settings.data_dir, stop))
+    if settings.heartbeat_interval_s is not None:
+        tasks.append(send_heartbeats(sink.producer, settings.heartbeat_interval_s, stop))
     try:
         await asyncio.gather(*tasks)
     finally:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from ingest.dev import free_port
+from ingest.status import collect, scrape, total
 from tests.prometheus_service import PROMETHEUS_BIN, Prometheus
 from tests.services import Pipeline, kafka_broker
 
@@ -99,7 +100,7 @@ def test_prometheus_scrapes_the_funnel_from_every_stage(pipeline: Pipeline, tmp_
         rules = prometheus.api("rules")
         assert isinstance(rules, dict)
         evaluated = [r for g in rules["groups"] for r in g["rules"]]
-        assert len(evaluated) == 8 and all(r["health"] != "err" for r in evaluated), evaluated
+        assert len(evaluated) == 9 and all(r["health"] != "err" for r in evaluated), evaluated
     finally:
         prometheus.stop()
 
@@ -235,3 +236,27 @@ def test_status_screen_shows_the_figures_and_the_problems(pipeline: Pipeline) ->
     assert "millimetric-processor" in screen and "freshness p50" in screen
     assert f"{after['accepted_total']:.0f} (2.0/s)" in screen  # 4 events in 2 s
     assert "sink: no metrics at (no URL set)" in screen
+
+
+def test_heartbeats_cross_the_pipeline_without_rows_or_counts(tmp_path: Path) -> None:
+    ports = {stage: free_port() for stage in ("processor", "sink")}
+    env = {f"MILLIMETRIC_{s.upper()}_METRICS_PORT": str(p) for s, p in ports.items()}
+    env["MILLIMETRIC_HEARTBEAT_INTERVAL_S"] = "0.5"
+    urls = {s: f"http://127.0.0.1:{p}/metrics" for s, p in ports.items()}
+    with kafka_broker() as bootstrap:
+        p = Pipeline(bootstrap, None, tmp_path, env).start("sink", "processor")
+        try:
+            deadline = time.monotonic() + 90
+            samples: list[Any] = []
+            while time.monotonic() < deadline:
+                samples = scrape(urls["sink"]) or []
+                if total(samples, "millimetric_heartbeat_timestamp_seconds") > 0:
+                    break
+                time.sleep(0.5)
+            assert 0 < total(samples, "millimetric_heartbeat_seconds") < 60
+            status = collect(urls)
+            assert status["processed_total"] == status["inserted_total"] == 0
+            assert status["dead_letters_total"] == 0
+            assert p.sql("SELECT count() FROM events") == "0\n"
+        finally:
+            p.stop()
