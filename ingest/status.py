@@ -144,6 +144,10 @@ def collect(urls: dict[str, str]) -> dict[str, Any]:
             "p99": quantile(0.99, samples, "millimetric_freshness_seconds"),
         },
         "freshness_count": total(samples, "millimetric_freshness_seconds_count"),
+        "heartbeat_seconds": max(
+            (s.value for s in samples if s.name == "millimetric_heartbeat_seconds" and s.value),
+            default=None,
+        ),
         "last_insert_age_seconds": round(time.time() - last_insert, 3) if last_insert else None,
     }
     status["unhealthy"] = problems(status)

@@ -255,6 +255,7 @@ def test_heartbeats_cross_the_pipeline_without_rows_or_counts(tmp_path: Path) ->
                 time.sleep(0.5)
             assert 0 < total(samples, "millimetric_heartbeat_seconds") < 60
             status = collect(urls)
+            assert 0 < status["heartbeat_seconds"] < 60
             assert status["processed_total"] == status["inserted_total"] == 0
             assert status["dead_letters_total"] == 0
             assert p.sql("SELECT count() FROM events") == "0\n"
