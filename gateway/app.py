@@ -32,11 +32,15 @@ from gateway.rate_limit import (
     RedisRateLimiter,
     load_default_limits,
 )
+from gateway.request_metrics import RequestMetrics
 from gateway.responses import error_response, json_response
 from gateway.snippet import build as build_snippet
 from gateway.snippet import serve as serve_snippet
 from gateway.validate import Validator
 from ingest.kafka_connection import client_options, security_options
+from ingest.logs import dict_config
+from ingest.metrics import set_serving
+from ingest.ops_port import serve
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
 
@@ -92,9 +96,11 @@ class Gateway:
         )
         await self.publisher.start()
         await self.keys.start()
+        set_serving("gateway", True)
 
     async def stop(self) -> None:
         """Stop in reverse order."""
+        set_serving("gateway", False)
         await self.keys.stop()
         await self.publisher.stop()
         await self.limiter.close()
@@ -217,13 +223,15 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
 
 def run(settings: Settings, bootstrap: str) -> None:
     """Serve the gateway until SIGINT/SIGTERM (uvloop + httptools)."""
+    serve("gateway", settings.gateway_metrics_port, settings.metrics_host)
     uvicorn.run(
-        build_app(settings, bootstrap),
+        RequestMetrics(build_app(settings, bootstrap)),
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level.lower(),
+        log_config=dict_config(settings.log_level),
         access_log=False,
         lifespan="on",
         # X-Forwarded-For is ours to judge (MILLIMETRIC_TRUSTED_PROXIES): uvicorn would otherwise

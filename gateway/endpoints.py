@@ -24,6 +24,7 @@ from gateway.responses import error_response, send_json
 from gateway.segment import SINGLE_ROUTES, is_segment_batch, is_segment_message, parse_single
 from gateway.segment import records as segment_records
 from gateway.validate import InvalidBody
+from ingest.metrics import ACCEPTED, RATE_LIMITED
 from ingest.records import Context, encode, record_key
 
 if TYPE_CHECKING:
@@ -238,12 +239,14 @@ class IngestEndpoint:
                 gw.limit_for(self.limit_route, principal.project),
             )
             if not decision.allowed:
+                RATE_LIMITED.labels(route).inc()
                 retry_after = str(max(1, math.ceil(decision.retry_after)))
                 answer = error_response(
                     "rate_limited", {**cors(gw.keys, origin, principal), "retry-after": retry_after}
                 )
             else:
                 await gw.publisher.publish(accepted.topic, accepted.records)
+                ACCEPTED.labels(route).inc(len(accepted.records))
                 await send_json(
                     send, accepted.status, accepted.answer, cors(gw.keys, origin, principal)
                 )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from ingest.metrics import BROKER_ACK_SECONDS
 from ingest.partitioner import kafka_partitioner
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,14 @@ class Publisher:
         BrokerUnavailable."""
         assert self._producer is not None, "start() first"
         futures: list[asyncio.Future[Any]] = []
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
                 for key, value in records:
                     futures.append(await self._producer.send(topic, value, key=key))
                 for future in futures:  # in turn: gather costs more than the awaits themselves
                     await future
+            BROKER_ACK_SECONDS.labels(topic).observe(time.perf_counter() - started)
         except Exception as error:
             for future in futures:  # nobody will read their outcome: no "never retrieved" noise
                 future.cancel()

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import Send
 
 from ingest.errors import ERROR_CODES
+from ingest.metrics import REJECTED
 
 
 class _Strict(BaseModel):
@@ -113,5 +114,6 @@ async def send_json(
 def error_response(code: str, headers: dict[str, str] | None = None, **extra: Any) -> Response:
     """`{"ok": false, "error": code, "message": ..., **extra}` with the table's status."""
     entry = ERROR_CODES[code]
+    REJECTED.labels(code).inc()
     body = {"ok": False, "error": code, "message": entry.message, **extra}
     return json_response(body, entry.status, headers)

@@ -8,6 +8,7 @@ millimetric hooks create|list|rotate|revoke   webhook receivers (Stripe, GitHub,
 millimetric sql "SELECT ..."         query the configured ClickHouse (TSV)
 millimetric forget status ID         whether an erasure is done, with what it deleted
 millimetric classify --url URL       explain how a visit would be attributed
+millimetric status [--json|--watch] the pipeline's health, from the stages' metrics
 millimetric bench [--quick]          every stage's throughput beside a same-run baseline
 """
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import logging
+import logging.config
 import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from ingest.logs import dict_config
 from ingest.settings import Settings
 
 KEY_PROPAGATION_S = 1.0
@@ -288,6 +291,23 @@ def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
     return run_classify_cli(args.url, args.referrer, sys.stdin, sys.stdout)
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest import status
+
+    if args.watch:
+        with contextlib.suppress(KeyboardInterrupt):
+            status.watch(settings, args.interval)
+        return 0
+    figures = status.collect(status.metrics_urls(settings))
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(figures))
+    else:
+        from rich.console import Console
+
+        Console().print(status.render(figures))
+    return 1 if figures["unhealthy"] else 0
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -383,6 +403,18 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument("--referrer")
     classify.set_defaults(run=cmd_classify)
 
+    st = sub.add_parser(
+        "status",
+        help="the pipeline on one screen, from the stages' metrics",
+        description="Example: millimetric status --json | jq .lag\n"
+        "Exit status 1 when something is unhealthy.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    st.add_argument("--json", action="store_true", help="one JSON object (also when piped)")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    st.set_defaults(run=cmd_status)
+
     bench = sub.add_parser("bench", help="benchmark every stage against same-run baselines")
     bench.add_argument("--quick", action="store_true", help="small sizes: about 4 minutes")
     bench.add_argument("--json", default="bench-results.json", help="where to write the rows")
@@ -394,9 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `millimetric` script."""
     args = parser().parse_args(argv)
     settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.config.dictConfig(dict_config(settings.log_level))
     return int(args.run(settings, args) or 0)
 
 

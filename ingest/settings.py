@@ -252,6 +252,46 @@ class Settings(BaseSettings):
         description="Days `events` keeps rows (a TTL, on servers that have TTL); unset: "
         "forever. Aggregates are kept.",
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Bind address of every stage's metrics port (`0.0.0.0` for a Prometheus "
+        "elsewhere); `millimetric status` reads the stages there.",
+    )
+    gateway_metrics_port: int | None = Field(
+        None,
+        description="Serve the gateway's Prometheus metrics (and `/health`, `/ready`) on this "
+        "port, never on the public port; unset: none.",
+    )
+    processor_metrics_port: int | None = Field(
+        None,
+        description="Serve the processor's Prometheus metrics (and `/health`, `/ready`) on "
+        "this port; unset: none.",
+    )
+    sink_metrics_port: int | None = Field(
+        None,
+        description="Serve the sink's Prometheus metrics (and `/health`, `/ready`) on this "
+        "port; unset: none.",
+    )
+    status_metrics_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where `millimetric status` reads each stage (JSON, e.g. "
+        '`{"gateway": "http://gw:9101/metrics"}`); a stage not named: its metrics port on '
+        "MILLIMETRIC_METRICS_HOST, or the running `dev`'s.",
+    )
+    lag_interval_s: float = Field(
+        5.0, description="How often the processor and sink measure their consumer lag."
+    )
+    ready_max_lag_s: float | None = Field(
+        None,
+        description="The processor and sink report not ready (`millimetric_ready` 0) while "
+        "their oldest uncommitted record is older than this; unset: lag never makes them unready.",
+    )
+    heartbeat_interval_s: float | None = Field(
+        None,
+        description="Every sink puts a heartbeat on the raw topic this often; it crosses the "
+        "processor back to the sinks (never into a table or a count), so freshness is known "
+        "without traffic (`millimetric_heartbeat_*`); unset: none.",
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     @model_validator(mode="before")
@@ -284,8 +324,7 @@ def markdown_table() -> str:
     lines = ["| env var | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         value = field.get_default(call_default_factory=True)
-        default = (
-            "" if value is None else f"`{json.dumps(value) if isinstance(value, list) else value}`"
-        )
+        shown = json.dumps(value) if isinstance(value, list | dict) else value
+        default = "" if value is None else f"`{shown}`"
         lines.append(f"| `MILLIMETRIC_{name.upper()}` | {default} | {field.description} |")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 import tomllib
 import weakref
 from collections.abc import Sequence
@@ -35,7 +36,17 @@ import faust.streams as faust_streams
 from aiokafka import AIOKafkaProducer
 
 from ingest.kafka_connection import faust_credentials, security_options
-from ingest.metrics import DEAD_LETTERS, DEVICES_OVER_CAP
+from ingest.lag import watch_in_thread
+from ingest.logs import dict_config
+from ingest.metrics import (
+    DEAD_LETTERS,
+    DEVICES_OVER_CAP,
+    DROPPED,
+    PROCESSED,
+    STEP_SECONDS,
+    set_serving,
+)
+from ingest.ops_port import serve
 from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.retry import retrying
@@ -257,6 +268,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
 
         await publisher.publish(publisher.links, links, link_refused)
 
+        heartbeats = 0
         out: list[tuple[bytes, bytes]] = []
         sources: list[int] = []
         for index, (event, record) in enumerate(zip(events, records, strict=True)):
@@ -265,6 +277,11 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             key = event.key
             try:
                 kind = record["type"]
+                if kind == "heartbeat":  # a sink's probe: on to the sinks as it came, uncounted
+                    out.append((key, event.value))
+                    sources.append(index)
+                    heartbeats += 1
+                    continue
                 point_tables_at(event)
                 if kind in ("forget", "unlink"):
                     identities.pop(key, None)
@@ -274,6 +291,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                 known = identities.get(key) if record["user_id"] is None else None
                 enriched_event = enricher.enrich(record, known.decode() if known else None)  # type: ignore[arg-type]
                 if enriched_event["is_bot"] and settings.drop_bots:
+                    DROPPED.labels("bot").inc()
                     continue
                 out.append((key, encode(enriched_event)))
             except Exception as error:  # one bad record must not stop the partition
@@ -289,6 +307,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
 
         await publisher.publish(publisher.enriched, out, too_large)
         await publisher.publish_dead_letters(dead)
+        PROCESSED.inc(len(out) - heartbeats)
 
     @app.agent(raw_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
@@ -311,13 +330,17 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         publisher = StepPublisher(
             producer, settings.processor_max_record_bytes, enriched.name, links.name, dead.name
         )
+        set_serving("processor", True)
         try:
             async for events in stream.take_events(
                 settings.processor_batch_size, within=settings.processor_batch_seconds
             ):
+                started = time.perf_counter()
                 # take_events acks the step after this body: only once every record is acked.
                 await handle_step(events, publisher)
+                STEP_SECONDS.observe(time.perf_counter() - started)
         finally:
+            set_serving("processor", False)
             await producer.stop()
 
     @app.agent(links_topic)
@@ -397,7 +420,15 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
 def run(settings: Settings, bootstrap: str) -> None:
     """Run a processor worker until it is stopped (SIGINT/SIGTERM)."""
     app = build_app(settings, bootstrap)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    serve("processor", settings.processor_metrics_port, settings.metrics_host)
+    # The sink's lag too: it must grow while no sink runs.
+    watch_in_thread(bootstrap, ("processor", "sink"), "processor", settings)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level.lower(),
+        quiet=True,
+        logging_config=dict_config(settings.log_level),
+    )
     # Faust's terminal spinner lowers the root logger to DEBUG so that every log call spins it:
     # every debug call on the hot path then builds a LogRecord. No spinner, no such cost.
     worker.spinner = None

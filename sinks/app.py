@@ -20,8 +20,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from ingest.heartbeat import arrived, is_heartbeat
+from ingest.heartbeat import send_forever as send_heartbeats
 from ingest.kafka_connection import security_options
-from ingest.metrics import DEAD_LETTERS
+from ingest.lag import watch_in_thread
+from ingest.metrics import DEAD_LETTERS, set_serving
+from ingest.ops_port import serve as serve_metrics
 from ingest.records import decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
@@ -112,7 +116,11 @@ class Sink:
             for tp, messages in fetched.items():
                 for message in messages:
                     try:
-                        add(decode(message.value or b""))
+                        record = decode(message.value or b"")
+                        if is_heartbeat(record):  # its trip time, never a row
+                            arrived(record)
+                            continue
+                        add(record)
                     except Exception as error:  # poison record: keep it, with the reason
                         await self._undecodable(tp, message.offset, message.value, error)
                 if messages:
@@ -232,7 +240,7 @@ class Sink:
 
         async def until_not_transient() -> None:
             await retrying(
-                "sink_insert",
+                "clickhouse_insert",
                 attempt,
                 permanent=lambda e: refusal(e) != "transient",
                 max_delay_s=max_delay_s,
@@ -267,10 +275,13 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    serve_metrics("sink", settings.sink_metrics_port, settings.metrics_host)
     ch = await _connect(settings)
     erasures = ErasureFilter()
     sink = Sink(settings, bootstrap, ch, erasures)
     await sink.start()
+    set_serving("sink", True)
+    watch_in_thread(bootstrap, ("sink",), "sink", settings)
     log.info("sink writing to %s", ch.description)
     executor = ErasureExecutor(
         ch, audit_key(settings), settings.forget_grace_s, settings.forget_mutation_timeout_s
@@ -291,8 +302,11 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     tasks = [sink.run(stop), follower, queue.run(stop)]
     if settings.clickhouse_url is None:
         tasks.append(serve_sql(ch, settings.data_dir, stop))
+    if settings.heartbeat_interval_s is not None:
+        tasks.append(send_heartbeats(sink.producer, settings.heartbeat_interval_s, stop))
     try:
         await asyncio.gather(*tasks)
     finally:
+        set_serving("sink", False)
         await sink.stop()
         ch.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from ingest.metrics import observe_insert
 from sinks.batch import EVENT_FIELDS, EventBatch
 from sinks.clickhouse import ClickHouse
 
@@ -30,6 +32,7 @@ class EventWriter:
         """One insert of the whole batch; raises if ClickHouse refuses it."""
         if not batch.rows:
             return
+        started = time.perf_counter()
         names = list(EVENT_FIELDS)
         data: list[list[Any]] = [batch.columns[name] for name in names]
         if not self._millis:
@@ -40,3 +43,4 @@ class EventWriter:
                 names.append(f"{name}_ms")
                 data.append([ms % 1000 for ms in millis])
         self._ch.insert_columns("events", names, data, self._select)
+        observe_insert(batch.columns["received_at"], started)

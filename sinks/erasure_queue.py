@@ -20,6 +20,7 @@ from functools import partial
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ingest.kafka_connection import security_options
+from ingest.metrics import FORGETS
 from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
@@ -104,6 +105,7 @@ class ErasureQueue:
         for status in done.values():  # carried out before a restart: say so again, only
             await self._publish(status)
         todo = [item for item in items if item[2]["forget_id"] not in done]
+        FORGETS.labels("requested").inc(len(todo))
         for tp, offset, erasure in todo:
             self._open.setdefault(tp, {})[offset] = erasure["forget_id"]
         while not stop.is_set() and not self._erasures.seen.issuperset(
@@ -118,6 +120,7 @@ class ErasureQueue:
             statuses = await asyncio.to_thread(self._executor.execute, [e for *_, e in items])
         except Exception as error:
             log.warning("%d forgets failed (%s); isolating", len(items), reason(error))
+            FORGETS.labels("failed").inc(len(items))
             halves = (
                 [items] if len(items) == 1 else [items[: len(items) // 2], items[len(items) // 2 :]]
             )
@@ -153,6 +156,8 @@ class ErasureQueue:
         """Record why a forget is still pending (best effort: the store or broker may be away)."""
         why = reason(error)
         log.warning("forget %s pending: %s", erasure["forget_id"], why)
+        if attempts > 1:  # the first failure was counted with its batch
+            FORGETS.labels("failed").inc()
         status = status_record(
             erasure["forget_id"],
             erasure["project"],
@@ -172,6 +177,7 @@ class ErasureQueue:
             await retrying("forget status", partial(self._publish, status))
         for tp, offset, _ in items:
             self._open.get(tp, {}).pop(offset, None)
+        FORGETS.labels("done").inc(len(items))
 
     async def _publish(self, status: ForgetStatusRecord) -> None:
         await self._producer.send_and_wait(

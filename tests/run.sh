@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests start for real: ClickHouse server 18.16, Redis, ZooKeeper (the
 # replicated ClickHouse cluster), haproxy (a reverse proxy in front of the gateway, TLS in front of
 # the broker and ClickHouse); wrk for benchmarks; Chromium and its driver for the browser snippet's
-# tests (Selenium drives them, no download).
+# tests (Selenium drives them, no download); Prometheus (and its promtool) for the operations tests.
 need=()
 [ -x /usr/sbin/clickhouse-server ] || need+=(clickhouse-server)
 [ -x /usr/share/zookeeper/bin/zkServer.sh ] || need+=(zookeeper)
@@ -16,6 +16,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v openssl >/dev/null || need+=(openssl)  # the TLS tests' certificates
+[ -x /usr/bin/prometheus ] || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from gateway import rate_limit, segment, webhook_schemes
-from ingest import errors, settings, topics
+from ingest import errors, metrics, settings, topics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLES = {
@@ -20,6 +20,7 @@ TABLES = {
     "limits": rate_limit.markdown_table,
     "webhooks": webhook_schemes.markdown_table,
     "segment": segment.markdown_table,
+    "metrics": metrics.markdown_table,
 }
 
 
