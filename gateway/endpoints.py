@@ -19,6 +19,7 @@ from gateway.auth import ROUTE_KINDS, AuthError, KeyStore, Principal
 from gateway.decompress import decode_body
 from gateway.publish import BrokerUnavailable
 from gateway.query_key import authorization
+from gateway.rate_limit import limit_class
 from gateway.responses import error_response, send_json
 from gateway.validate import InvalidBody
 from ingest.records import Context, encode, record_key
@@ -163,8 +164,9 @@ class IngestEndpoint:
             ctx = gw.context.build(client[0] if client else None, headers)
             accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))
             # Limit after validating (the spec's order): a 400 costs no token.
+            bucket = limit_class(route, headers, principal.kind)
             decision = await gw.limiter.check(
-                principal.project, route, gw.limit_for(route, principal.project)
+                principal.project, bucket, gw.limit_for(bucket, principal.project)
             )
             if not decision.allowed:
                 retry_after = str(max(1, math.ceil(decision.retry_after)))

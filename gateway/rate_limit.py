@@ -284,3 +284,15 @@ def markdown_table(path: Path | None = None) -> str:
         for route, limit in load_default_limits(path).items()
     ]
     return "\n".join(lines)
+
+
+HISTORICAL_LANE = ("x-millimetric-lane", "historical")  # the header backfills send
+
+
+def limit_class(route: str, headers: dict[str, str], key_kind: str) -> str:
+    """The bucket a request draws on: `<route>_historical` for a secret key's batch on the
+    historical lane (so backfills never spend live traffic's budget), else the route's own."""
+    name, value = HISTORICAL_LANE
+    if route == "batch" and key_kind == "sk" and headers.get(name) == value:
+        return "batch_historical"
+    return route

@@ -173,6 +173,14 @@ class Settings(BaseSettings):
         description="Days `events` keeps rows (a TTL, on servers that have TTL); unset: "
         "forever. Aggregates are kept.",
     )
+    host: str | None = Field(
+        None,
+        description="Gateway URL the `backfill` command sends to (e.g. https://ingest.example); "
+        "default: this machine's gateway.",
+    )
+    key: SecretStr | None = Field(
+        None, description="The sk_ API key the `backfill` command sends with."
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     def ip_salt_value(self) -> bytes:
