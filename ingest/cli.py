@@ -248,7 +248,7 @@ def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 
     bootstrap = _bootstrap(settings)
     if args.dl_command == "list":
-        return list_letters(bootstrap, args.reason, args.since)
+        return list_letters(bootstrap, args.reason, args.since, settings.data_dir)
     return replay(bootstrap, settings.data_dir, args.reason, args.wait)
 
 

@@ -138,7 +138,7 @@ def test_killed_half_way_resumes_with_exactly_the_rest(pipeline: Pipeline, tmp_p
     skipped = json.loads(checkpoint_path(path).read_text())["lines"]
     assert count // 2 <= skipped < count
 
-    status, out = finish(backfill(pipeline, str(path), "--batch-size", "100"))
+    _, out = finish(backfill(pipeline, str(path), "--batch-size", "100"))
     assert f"{count - skipped} accepted, 0 rejected" in out and f"{skipped} already done" in out
     settled(pipeline, count)
     check_history(pipeline, count)
