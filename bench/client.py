@@ -82,15 +82,17 @@ def _finish(proc: subprocess.Popen[str], out: Path, timeout: float) -> dict[str,
     return result
 
 
-def _count(data_dir: Path) -> int:
+def count_events(data_dir: Path) -> int:
+    """Distinct events in the bench's embedded store (0 before the sink serves queries)."""
     got = sink_sql(data_dir, "SELECT count() FROM events FINAL")
     return int(got) if got else 0
 
 
-def _wait_count(data_dir: Path, expected: int, timeout: float) -> float:
+def wait_count(data_dir: Path, expected: int, timeout: float) -> float:
+    """Wait until `events` holds `expected` rows; return the monotonic time it did."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _count(data_dir) >= expected:
+        if count_events(data_dir) >= expected:
             return time.monotonic()
         time.sleep(0.1)
     raise TimeoutError(f"ClickHouse did not reach {expected} rows in {timeout}s")
@@ -121,7 +123,7 @@ def run(root: Path, events: int, seconds: float, gateway_eps: float | None = Non
         start = time.monotonic()
         proc, out = _start_load(root, "throughput", spec | {"events": events, "rate": 0})
         flat = _finish(proc, out, 600)
-        visible = _wait_count(data_dir, events, 300) - start
+        visible = wait_count(data_dir, events, 300) - start
         paced_n = int(PACED_EPS * seconds)
         proc, out = _start_load(root, "paced_up", spec | {"events": paced_n, "rate": PACED_EPS})
         up = _finish(proc, out, 600)
@@ -132,7 +134,7 @@ def run(root: Path, events: int, seconds: float, gateway_eps: float | None = Non
             time.sleep(0.1)
         stages["gateway"].start()
         down = _finish(proc, out, 600)
-        _wait_count(data_dir, events + 2 * paced_n, 300)
+        wait_count(data_dir, events + 2 * paced_n, 300)
     finally:
         for name in ("gateway", "processor", "sink"):
             if name in stages:

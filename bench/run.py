@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import classify, client, end_to_end, gateway, processor, sink
+from bench import backfill, classify, client, end_to_end, gateway, processor, sink
 from bench.table import Row, markdown, write_json
 
 
@@ -26,6 +26,7 @@ class Sizes:
     sink_rows: int
     classify_events: int
     client_events: int  # tracked by one millimetric.Client process
+    backfill_events: int  # lines of the file `millimetric backfill` imports
 
 
 QUICK = Sizes(
@@ -34,6 +35,7 @@ QUICK = Sizes(
     sink_rows=60_000,
     classify_events=20_000,
     client_events=30_000,
+    backfill_events=20_000,
 )
 FULL = Sizes(
     seconds=20,
@@ -41,6 +43,7 @@ FULL = Sizes(
     sink_rows=300_000,
     classify_events=100_000,
     client_events=100_000,
+    backfill_events=100_000,
 )
 
 
@@ -75,6 +78,7 @@ def main(quick: bool, json_path: Path | None) -> int:
     slowest = min(gw.batch_eps, proc_eps, sink_rps)
     rows += end_to_end.run(root / "end_to_end", sizes.seconds, slowest)
     rows += client.run(root / "client", sizes.client_events, sizes.seconds, gw.batch_eps)
+    rows += backfill.run(root / "backfill", sizes.backfill_events, gw.batch_eps)
     print(markdown(rows))
     print(f"took {time.monotonic() - started:.0f}s")
     if json_path is not None:

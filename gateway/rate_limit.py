@@ -276,11 +276,17 @@ class RedisRateLimiter:
         await self._redis.aclose()
 
 
+def _route_label(name: str) -> str:
+    if name.endswith("_historical"):
+        return f"`/v1/{name.removesuffix('_historical')}`, historical lane"
+    return f"`/v1/{name}`"
+
+
 def markdown_table(path: Path | None = None) -> str:
     """Render the default limits as the README shows them."""
     lines = ["| route | rate (requests/s) | burst |", "|---|---|---|"]
     lines += [
-        f"| `/v1/{route}` | {limit.rate:g} | {limit.burst} |"
+        f"| {_route_label(route)} | {limit.rate:g} | {limit.burst} |"
         for route, limit in load_default_limits(path).items()
     ]
     return "\n".join(lines)
