@@ -17,9 +17,9 @@ from pathlib import Path
 
 from bench import REPO_ROOT
 from bench.client import wait_count
-from bench.services import create_keys, stage, stage_env, wait_http_ok
+from bench.services import Proc, create_keys, start_stages
 from bench.table import Row
-from ingest.dev import EmbeddedBroker, free_port
+from ingest.dev import EmbeddedBroker
 from ingest.topics import ensure_topics
 
 FIRST_MS = 1_600_000_000_000  # 2020-09-13: history, inside the gateway's window
@@ -41,16 +41,11 @@ def run(root: Path, events: int, gateway_eps: float | None = None) -> list[Row]:
     data_dir = root / "data"
     history = write_history(root / "history.ndjson.gz", events)
     broker = EmbeddedBroker().start()
-    stages = {}
+    stages: dict[str, Proc] = {}
     try:
         asyncio.run(ensure_topics(broker.bootstrap))
         (key,) = asyncio.run(create_keys(broker.bootstrap, 1))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = stage_env(broker.bootstrap, data_dir, MILLIMETRIC_GATEWAY_PORT=str(port))
-        for name in ("sink", "processor", "gateway"):
-            stages[name] = stage(name, env, root).start()
-        wait_http_ok(f"{base}/ready")
+        base, env = start_stages(broker.bootstrap, data_dir, root, stages)
         time.sleep(2)  # the key reaches the gateway through the keys topic
         start = time.monotonic()
         done = subprocess.run(

@@ -22,9 +22,9 @@ from typing import Any
 
 from bench import REPO_ROOT
 from bench.loadgen import percentile
-from bench.services import create_keys, sink_sql, stage, stage_env, wait_http_ok
+from bench.services import Proc, create_keys, sink_sql, start_stages
 from bench.table import Row
-from ingest.dev import EmbeddedBroker, free_port
+from ingest.dev import EmbeddedBroker
 from ingest.topics import ensure_topics
 
 PACED_EPS = 2_000
@@ -106,17 +106,12 @@ def run(root: Path, events: int, seconds: float, gateway_eps: float | None = Non
     root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "data"
     broker = EmbeddedBroker().start()
-    stages = {}
+    stages: dict[str, Proc] = {}
     try:
         asyncio.run(ensure_topics(broker.bootstrap))
         (key,) = asyncio.run(create_keys(broker.bootstrap, 1))
         asyncio.run(set_project_limit(broker.bootstrap, "bench0", "batch", Limit(1e6, 1_000_000)))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = stage_env(broker.bootstrap, data_dir, MILLIMETRIC_GATEWAY_PORT=str(port))
-        for name in ("sink", "processor", "gateway"):
-            stages[name] = stage(name, env, root).start()
-        wait_http_ok(f"{base}/ready")
+        base, _ = start_stages(broker.bootstrap, data_dir, root, stages)
         time.sleep(2)  # the limit override reaches the gateway through the keys topic
         spec = {"base": base, "key": key, "close_timeout_s": 300.0}
 
