@@ -1,7 +1,8 @@
 """`millimetric dead-letters list|replay`: what the stages dead-lettered, and sending it back.
 
 A processor's letter holds the raw record (IP redacted; enrichment takes the derived `ip_hash`
-and `country` back as they are): replay puts it on the raw topic. A sink's letter holds the
+and `country` back as they are): replay puts it on the raw topic (a forget request that failed:
+on the forgets topic). A sink's letter holds the
 enriched row ClickHouse refused: replay puts it on the enriched topic. A letter without a record
 (undecodable) cannot be replayed; its raw-topic coordinates are listed instead.
 
@@ -52,14 +53,27 @@ class Letter:
         return f"{self.partition}:{self.offset}"
 
     @property
-    def event_id(self) -> str:
-        """The event's id, or "" when the letter keeps no record."""
-        return str(self.record.get("event_id", "")) if isinstance(self.record, dict) else ""
+    def target(self) -> tuple[str, dict[str, Any]] | None:
+        """The role of the topic to send it back to and the record, or None when it keeps no
+        record a stage can take again."""
+        record = self.record
+        if self.stage == "processor" and self.reason.startswith("forget_failed"):
+            try:  # a forget request, kept whole as the text the processor could not handle
+                record = decode(record) if isinstance(record, str) else None
+            except ValueError:
+                return None
+            return ("forgets", record) if isinstance(record, dict) else None
+        if self.stage in TARGETS and isinstance(record, dict):
+            return TARGETS[self.stage], record
+        return None
 
     @property
-    def replayable(self) -> bool:
-        """Whether it holds a record a stage can take again."""
-        return self.stage in TARGETS and isinstance(self.record, dict)
+    def event_id(self) -> str:
+        """The event's (or forget's) id, or "" when the letter keeps no record."""
+        found = self.target
+        if found is None:
+            return ""
+        return str(found[1].get("event_id") or found[1].get("forget_id") or "")
 
 
 def _letter(partition: int, offset: int, timestamp_ms: int, value: bytes | None) -> Letter:
@@ -88,6 +102,7 @@ async def _assigned(
     await consumer.start()
     try:
         name = topic("dead_letter").name
+        await consumer.topics()  # loads the cluster's metadata, so the partitions are known
         tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or {0})]
         consumer.assign(tps)
         yield consumer, tps
@@ -179,13 +194,14 @@ async def _send_back(bootstrap: str, letters: list[Letter]) -> None:
     await producer.start()
     try:
         for letter in letters:
-            record = letter.record
-            key = record_key(
-                str(record.get("project", "")),
-                record.get("anonymous_id"),
-                str(record.get("user_id") or record.get("event_id") or ""),
-            )
-            await producer.send(topic(TARGETS[letter.stage]).name, encode(record), key=key)
+            role, record = letter.target or ("", {})
+            project = str(record.get("project", ""))
+            if role == "forgets":  # keyed by person, as the gateway keys them
+                key = f"{project}:{record.get('user_id') or record.get('anonymous_id')}".encode()
+            else:
+                fallback = str(record.get("user_id") or record.get("event_id") or "")
+                key = record_key(project, record.get("anonymous_id"), fallback)
+            await producer.send(topic(role).name, encode(record), key=key)
         await producer.flush()
     finally:
         await producer.stop()
@@ -200,8 +216,8 @@ def replay(bootstrap: str, data_dir: Path, reason: str | None, wait_s: float) ->
         for letter in asyncio.run(_read(bootstrap, None, 0))
         if _matches(letter, reason, 0) and letter.ledger_key not in ledger
     ]
-    sendable = [letter for letter in letters if letter.replayable]
-    unsendable = [letter for letter in letters if not letter.replayable]
+    sendable = [letter for letter in letters if letter.target is not None]
+    unsendable = [letter for letter in letters if letter.target is None]
     start = asyncio.run(_end(bootstrap))
     asyncio.run(_send_back(bootstrap, sendable))
     _save_ledger(data_dir, ledger | {letter.ledger_key for letter in sendable})

@@ -152,16 +152,18 @@ def test_bad_lines_are_reported_by_number(pipeline: Pipeline, tmp_path: Path) ->
         json.dumps({"properties": {"no": "event name"}}),
         json.dumps({"event": "imported", "timestamp": "1969-12-31T00:00:00Z"}),
         json.dumps({"event": "imported", "timestamp": iso(START_MS + STEP_MS)}),
+        json.dumps({"event": "imported", "properties": {"blob": "x" * 1_100_000}}),
     ]
     path = tmp_path / "mixed.ndjson"
     path.write_text("\n".join(lines) + "\n")
     status, out = finish(backfill(pipeline, str(path)))
-    assert status == 1 and "2 accepted, 3 rejected" in out, out
+    assert status == 1 and "2 accepted, 4 rejected" in out, out
     rejects = [json.loads(line) for line in rejects_path(path).read_text().splitlines()]
     assert [(r["line"], r["error"]) for r in rejects] == [
         (2, "invalid_json"),
         (4, "invalid_payload"),
         (5, "invalid_payload"),
+        (7, "payload_too_large"),  # alone over the body limit: the line's fault, not the run's
     ]
     assert "1970" in rejects[2]["message"] and rejects[1]["text"] == lines[3]
     settled(pipeline, 2)

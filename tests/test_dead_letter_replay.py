@@ -3,6 +3,7 @@ broken lands once when replayed after the fix, and a second replay sends nothing
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest.dead_letter_replay import Letter
 from tests.services import Pipeline
 from tests.test_sinks import dead_letters, enriched, produce, wait_counts
 
@@ -60,3 +62,19 @@ def test_dead_lettered_row_replayed_after_the_fix_lands_once(sink: Pipeline) -> 
     wait_counts(sink, 12)
     assert sink.sql("SELECT count() FROM events WHERE event_id = 'e100'") == "1\n"
     assert "\tyes\t" in command(sink, "list").stdout
+
+
+def test_each_letter_goes_back_to_the_topic_its_stage_reads() -> None:
+    event = {"project": "p", "event_id": "e1", "anonymous_id": "a"}
+    forget = {"project": "p", "forget_id": "fgt_1", "user_id": "u"}
+    letters = {
+        "raw": Letter(0, 1, 0, "processor", "enrich_failed: ValueError: x", event),
+        "forgets": Letter(0, 2, 0, "processor", "forget_failed: KeyError: y", json.dumps(forget)),
+        "enriched": Letter(0, 3, 0, "sink", "clickhouse refused: z", event),
+    }
+    for role, letter in letters.items():
+        assert letter.target == (role, forget if role == "forgets" else event)
+    assert letters["forgets"].event_id == "fgt_1" and letters["raw"].event_id == "e1"
+    undecodable = Letter(0, 4, 0, "processor", "undecodable: not JSON", None)
+    assert undecodable.target is None and undecodable.event_id == ""
+    assert Letter(0, 5, 0, "sink", "undecodable: b'\\xff'", "\ufffd{").target is None
