@@ -114,7 +114,7 @@ def run_history(p: Pipeline, tmp_path: Path, count: int) -> None:
 
 
 def test_history_lands_once_with_its_timestamps(pipeline: Pipeline, tmp_path: Path) -> None:
-    run_history(pipeline, tmp_path, 5_000)
+    run_history(pipeline, tmp_path, 2_000)
 
 
 @pytest.mark.slow
@@ -123,9 +123,9 @@ def test_fifty_thousand_historical_events(pipeline: Pipeline, tmp_path: Path) ->
 
 
 def test_killed_half_way_resumes_with_exactly_the_rest(pipeline: Pipeline, tmp_path: Path) -> None:
-    count = 4_000
+    count = 2_000
     path = history(tmp_path / "history.ndjson.gz", count)
-    process = backfill(pipeline, str(path), "--batch-size", "100")
+    process = backfill(pipeline, str(path), "--batch-size", "50")
     deadline = time.monotonic() + 300
     done = 0
     while done < count // 2:
@@ -138,7 +138,7 @@ def test_killed_half_way_resumes_with_exactly_the_rest(pipeline: Pipeline, tmp_p
     skipped = json.loads(checkpoint_path(path).read_text())["lines"]
     assert count // 2 <= skipped < count
 
-    _, out = finish(backfill(pipeline, str(path), "--batch-size", "100"))
+    _, out = finish(backfill(pipeline, str(path), "--batch-size", "50"))
     assert f"{count - skipped} accepted, 0 rejected" in out and f"{skipped} already done" in out
     settled(pipeline, count)
     check_history(pipeline, count)
