@@ -22,9 +22,9 @@ from typing import Any
 
 from bench import REPO_ROOT
 from bench.loadgen import percentile
-from bench.services import create_keys, sink_sql, stage, stage_env, wait_http_ok
+from bench.services import Proc, create_keys, sink_sql, start_stages
 from bench.table import Row
-from ingest.dev import EmbeddedBroker, free_port
+from ingest.dev import EmbeddedBroker
 from ingest.topics import ensure_topics
 
 PACED_EPS = 2_000
@@ -82,15 +82,17 @@ def _finish(proc: subprocess.Popen[str], out: Path, timeout: float) -> dict[str,
     return result
 
 
-def _count(data_dir: Path) -> int:
+def count_events(data_dir: Path) -> int:
+    """Distinct events in the bench's embedded store (0 before the sink serves queries)."""
     got = sink_sql(data_dir, "SELECT count() FROM events FINAL")
     return int(got) if got else 0
 
 
-def _wait_count(data_dir: Path, expected: int, timeout: float) -> float:
+def wait_count(data_dir: Path, expected: int, timeout: float) -> float:
+    """Wait until `events` holds `expected` rows; return the monotonic time it did."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _count(data_dir) >= expected:
+        if count_events(data_dir) >= expected:
             return time.monotonic()
         time.sleep(0.1)
     raise TimeoutError(f"ClickHouse did not reach {expected} rows in {timeout}s")
@@ -104,24 +106,19 @@ def run(root: Path, events: int, seconds: float, gateway_eps: float | None = Non
     root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "data"
     broker = EmbeddedBroker().start()
-    stages = {}
+    stages: dict[str, Proc] = {}
     try:
         asyncio.run(ensure_topics(broker.bootstrap))
         (key,) = asyncio.run(create_keys(broker.bootstrap, 1))
         asyncio.run(set_project_limit(broker.bootstrap, "bench0", "batch", Limit(1e6, 1_000_000)))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = stage_env(broker.bootstrap, data_dir, MILLIMETRIC_GATEWAY_PORT=str(port))
-        for name in ("sink", "processor", "gateway"):
-            stages[name] = stage(name, env, root).start()
-        wait_http_ok(f"{base}/ready")
+        base, _ = start_stages(broker.bootstrap, data_dir, root, stages)
         time.sleep(2)  # the limit override reaches the gateway through the keys topic
         spec = {"base": base, "key": key, "close_timeout_s": 300.0}
 
         start = time.monotonic()
         proc, out = _start_load(root, "throughput", spec | {"events": events, "rate": 0})
         flat = _finish(proc, out, 600)
-        visible = _wait_count(data_dir, events, 300) - start
+        visible = wait_count(data_dir, events, 300) - start
         paced_n = int(PACED_EPS * seconds)
         proc, out = _start_load(root, "paced_up", spec | {"events": paced_n, "rate": PACED_EPS})
         up = _finish(proc, out, 600)
@@ -132,7 +129,7 @@ def run(root: Path, events: int, seconds: float, gateway_eps: float | None = Non
             time.sleep(0.1)
         stages["gateway"].start()
         down = _finish(proc, out, 600)
-        _wait_count(data_dir, events + 2 * paced_n, 300)
+        wait_count(data_dir, events + 2 * paced_n, 300)
     finally:
         for name in ("gateway", "processor", "sink"):
             if name in stages:

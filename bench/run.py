@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import classify, client, end_to_end, forget, gateway, processor, sink
+from bench import backfill, classify, client, end_to_end, forget, gateway, processor, sink
 from bench.table import Row, markdown, write_json
 
 
@@ -27,6 +27,7 @@ class Sizes:
     classify_events: int
     client_events: int  # tracked by one millimetric.Client process
     forgets: int
+    backfill_events: int  # lines of the file `millimetric backfill` imports
 
 
 QUICK = Sizes(
@@ -36,6 +37,7 @@ QUICK = Sizes(
     classify_events=20_000,
     client_events=30_000,
     forgets=200,
+    backfill_events=20_000,
 )
 FULL = Sizes(
     seconds=20,
@@ -44,6 +46,7 @@ FULL = Sizes(
     classify_events=100_000,
     client_events=100_000,
     forgets=1_000,
+    backfill_events=100_000,
 )
 
 
@@ -79,6 +82,7 @@ def main(quick: bool, json_path: Path | None) -> int:
     slowest = min(gw.batch_eps, proc_eps, sink_rps)
     rows += end_to_end.run(root / "end_to_end", sizes.seconds, slowest)
     rows += client.run(root / "client", sizes.client_events, sizes.seconds, gw.batch_eps)
+    rows += backfill.run(root / "backfill", sizes.backfill_events, gw.batch_eps)
     print(markdown(rows))
     print(f"took {time.monotonic() - started:.0f}s")
     if json_path is not None:

@@ -213,6 +213,20 @@ def wait_http_ok(url: str, timeout: float = 60) -> None:
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
+def start_stages(
+    bootstrap: str, data_dir: Path, root: Path, stages: dict[str, Proc]
+) -> tuple[str, dict[str, str]]:
+    """Start sink, processor and gateway into `stages` (the caller stops what started); return
+    the gateway's base URL, once it is ready, and the stages' environment."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = stage_env(bootstrap, data_dir, MILLIMETRIC_GATEWAY_PORT=str(port))
+    for name in ("sink", "processor", "gateway"):
+        stages[name] = stage(name, env, root).start()
+    wait_http_ok(f"{base}/ready")
+    return base, env
+
+
 def sink_sql(data_dir: Path, query: str) -> str:
     """A query through a running chdb sink's SQL endpoint; "" while it is not serving yet."""
     from sinks.sql_endpoint import SqlRefused, query_endpoint

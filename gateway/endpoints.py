@@ -20,6 +20,7 @@ from gateway.auth import ROUTE_KINDS, AuthError, KeyStore, Principal
 from gateway.decompress import decode_body
 from gateway.publish import BrokerUnavailable
 from gateway.query_key import authorization
+from gateway.rate_limit import limit_class
 from gateway.responses import error_response, send_json
 from gateway.segment import SINGLE_ROUTES, is_segment_batch, is_segment_message, parse_single
 from gateway.segment import records as segment_records
@@ -233,10 +234,9 @@ class IngestEndpoint:
             body = decode_body(headers.get("content-encoding"), body, self.limit)
             accepted = self.parse(gw, ctx, body, principal, int(time.time() * 1000))
             # The project's limit counts valid requests; invalid ones cost their sender's budget.
+            bucket = limit_class(self.limit_route, headers, principal.kind)
             decision = await gw.limiter.check(
-                principal.project,
-                self.limit_route,
-                gw.limit_for(self.limit_route, principal.project),
+                principal.project, bucket, gw.limit_for(bucket, principal.project)
             )
             if not decision.allowed:
                 RATE_LIMITED.labels(route).inc()

@@ -321,11 +321,29 @@ class RedisRateLimiter:
         await self._redis.aclose()
 
 
+def _route_label(name: str) -> str:
+    if name.endswith("_historical"):
+        return f"`/v1/{name.removesuffix('_historical')}`, historical lane"
+    return f"`/v1/{name}`"
+
+
 def markdown_table(path: Path | None = None) -> str:
     """Render the default limits as the README shows them."""
     lines = ["| route | rate (requests/s) | burst |", "|---|---|---|"]
     lines += [
-        f"| `/v1/{route}` | {limit.rate:g} | {limit.burst} |"
+        f"| {_route_label(route)} | {limit.rate:g} | {limit.burst} |"
         for route, limit in load_default_limits(path).items()
     ]
     return "\n".join(lines)
+
+
+HISTORICAL_LANE = ("x-millimetric-lane", "historical")  # the header backfills send
+
+
+def limit_class(route: str, headers: dict[str, str], key_kind: str) -> str:
+    """The bucket a request draws on: `<route>_historical` for a secret key's batch on the
+    historical lane (so backfills never spend live traffic's budget), else the route's own."""
+    name, value = HISTORICAL_LANE
+    if route == "batch" and key_kind == "sk" and headers.get(name) == value:
+        return "batch_historical"
+    return route

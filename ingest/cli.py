@@ -10,6 +10,8 @@ millimetric forget status ID         whether an erasure is done, with what it de
 millimetric classify --url URL       explain how a visit would be attributed
 millimetric status [--json|--watch] the pipeline's health, from the stages' metrics
 millimetric bench [--quick]          every stage's throughput beside a same-run baseline
+millimetric backfill FILE...         import history (NDJSON/CSV, .gz/.zst) through /v1/batch
+millimetric dead-letters list|replay what stages dead-lettered and why; send them back
 """
 
 from __future__ import annotations
@@ -316,6 +318,31 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return run_bench(args.quick, Path(args.json) if args.json else None)
 
 
+def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ingest.backfill import run
+
+    host = args.host or settings.host or f"http://127.0.0.1:{settings.gateway_port}"
+    key = args.key or (settings.key.get_secret_value() if settings.key else None)
+    if not key:
+        sys.exit("millimetric backfill: give --key or MILLIMETRIC_KEY (an sk_ key)")
+    paths = [Path(p) for p in args.files]
+    if missing := [str(p) for p in paths if not p.is_file()]:
+        sys.exit(f"millimetric backfill: no such file: {', '.join(missing)}")
+    size = min(args.batch_size, settings.batch_max_events)
+    return run(host, key, paths, size, settings.batch_max_bytes * 9 // 10)
+
+
+def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.dead_letter_replay import list_letters, replay
+
+    bootstrap = _bootstrap(settings)
+    if args.dl_command == "list":
+        return list_letters(bootstrap, args.reason, args.since, settings.data_dir)
+    return replay(bootstrap, settings.data_dir, args.reason, args.wait)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
@@ -419,6 +446,25 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes: about 4 minutes")
     bench.add_argument("--json", default="bench-results.json", help="where to write the rows")
     bench.set_defaults(run=cmd_bench)
+
+    backfill = sub.add_parser("backfill", help="import history through /v1/batch (resumable)")
+    backfill.add_argument("files", nargs="+", help="NDJSON or CSV (with a header), .gz/.zst too")
+    backfill.add_argument("--host", help="gateway URL (MILLIMETRIC_HOST)")
+    backfill.add_argument("--key", help="an sk_ key (MILLIMETRIC_KEY)")
+    backfill.add_argument("--batch-size", type=int, default=1000, help="events per request")
+    backfill.set_defaults(run=cmd_backfill)
+
+    dead = sub.add_parser("dead-letters", help="list or replay dead-lettered records")
+    ds = dead.add_subparsers(dest="dl_command", required=True)
+    dl_list = ds.add_parser("list", help="what was dead-lettered, when and why (TSV)")
+    dl_list.add_argument("--reason", help="only letters whose reason contains this")
+    dl_list.add_argument("--since", help="only letters since this ISO 8601 time")
+    dl_replay = ds.add_parser("replay", help="send letters back through the pipeline, once each")
+    dl_replay.add_argument("--reason", help="only letters whose reason contains this")
+    dl_replay.add_argument(
+        "--wait", type=float, default=20.0, help="seconds to watch for letters failing again"
+    )
+    dead.set_defaults(run=cmd_dead_letters)
     return p
 
 

@@ -292,6 +292,14 @@ class Settings(BaseSettings):
         "processor back to the sinks (never into a table or a count), so freshness is known "
         "without traffic (`millimetric_heartbeat_*`); unset: none.",
     )
+    host: str | None = Field(
+        None,
+        description="Gateway URL the `backfill` command sends to (e.g. https://ingest.example); "
+        "default: this machine's gateway.",
+    )
+    key: SecretStr | None = Field(
+        None, description="The sk_ API key the `backfill` command sends with."
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     @model_validator(mode="before")

@@ -42,9 +42,12 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class Transport:
-    """POSTs to `host`/v1/<route> with the key; not thread-safe (the sender thread owns it)."""
+    """POSTs to `host`/v1/<route> with the key (and `headers`, e.g. the historical lane's);
+    not thread-safe (the sender thread owns it)."""
 
-    def __init__(self, host: str, key: str, timeout_s: float) -> None:
+    def __init__(
+        self, host: str, key: str, timeout_s: float, headers: dict[str, str] | None = None
+    ) -> None:
         url = urlsplit(host if "://" in host else f"http://{host}")
         if url.scheme not in ("http", "https") or not url.netloc:
             raise ValueError(f"host must be http(s)://host[:port], not {host!r}")
@@ -56,7 +59,7 @@ class Transport:
             "Authorization": f"Bearer {key}",
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-        }
+        } | (headers or {})
         self._conn: http.client.HTTPConnection | None = None
         self.gzip = True
 

@@ -112,10 +112,10 @@ class Pipeline:
             headers={"Authorization": f"Bearer {key or self.key}"},
         )
 
-    def sql(self, query: str) -> str:
-        """Query ClickHouse as `millimetric sql` does."""
+    def sql(self, query: str, write: bool = False) -> str:
+        """Query ClickHouse as `millimetric sql` does (`--write` for statements that change it)."""
         out = subprocess.run(
-            [sys.executable, "-m", "ingest.cli", "sql", query],
+            [sys.executable, "-m", "ingest.cli", "sql", *(["--write"] if write else []), query],
             env=self.env,
             capture_output=True,
             text=True,

@@ -137,7 +137,7 @@ def test_sessions_go_after_the_events_expired(sink: Pipeline) -> None:
     send(sink, "enriched", [event("cid-phone", "cid"), event("cid-tablet")])
     sink.wait_for("SELECT count() FROM sessions", "2\n")
     # Retention dropped the events; the sessions built from them are still there.
-    sink.sql("ALTER TABLE events DELETE WHERE 1 = 1")
+    sink.sql("ALTER TABLE events DELETE WHERE 1 = 1", write=True)
     sink.wait_for("SELECT count() FROM events", "0\n")
     forget = erasure("cid", ("cid-tablet",))
     send(sink, "erasures", [forget])
@@ -162,7 +162,7 @@ def test_audit_keeps_a_keyed_hash_of_the_subject(sink: Pipeline) -> None:
 def test_a_failing_forget_is_retried_with_its_reason_and_blocks_no_other(sink: Pipeline) -> None:
     send(sink, "enriched", [event("eve-phone", "eve"), event("fay-phone", "fay")])
     sink.wait_for("SELECT count() FROM events", "2\n")
-    sink.sql("DROP TABLE suppressions")  # every suppress forget now fails in ClickHouse
+    sink.sql("DROP TABLE suppressions", write=True)  # every suppress forget now fails in ClickHouse
     failing, fine = erasure("eve", suppress=True), erasure("fay")
     send(sink, "erasures", [failing, fine])
     assert wait_done(sink, fine["forget_id"])["events_deleted"] == 1
@@ -223,9 +223,11 @@ def test_a_restarted_sink_inserts_only_after_reading_every_erasure(
 def test_only_this_forgets_mutations_are_waited_for(sink: Pipeline) -> None:
     if sink.clickhouse_url is None:
         pytest.skip("chdb runs mutations synchronously: none can be left running")
-    sink.sql("CREATE TABLE stuck (x UInt8) ENGINE = MergeTree ORDER BY x")
-    sink.sql("INSERT INTO stuck SELECT 1")
-    sink.sql("ALTER TABLE stuck DELETE WHERE throwIf(x = 1)")  # fails on every try: never done
+    sink.sql("CREATE TABLE stuck (x UInt8) ENGINE = MergeTree ORDER BY x", write=True)
+    sink.sql("INSERT INTO stuck SELECT 1", write=True)
+    sink.sql(
+        "ALTER TABLE stuck DELETE WHERE throwIf(x = 1)", write=True
+    )  # fails on every try: never done
     send(sink, "enriched", [event("kim-phone", "kim")])
     sink.wait_for("SELECT count() FROM events", "1\n")
     forget = erasure("kim")

@@ -570,6 +570,20 @@ async def test_default_batch_limit_5_per_s_burst_20(gw: Gw) -> None:
     assert accepted <= 20 + 5 * elapsed + 1
 
 
+async def test_the_historical_lane_spends_a_bucket_of_its_own(gw: Gw) -> None:
+    """A backfill (`X-Millimetric-Lane: historical`) never spends the live batch budget."""
+    project = f"lane-{uuid.uuid4().hex[:8]}"
+    key = await new_key(gw, "sk", project)
+    for route in ("batch", "batch_historical"):
+        await set_limit(gw, project, route, Limit(rate=0.01, burst=1))
+    one = {"events": [{"event": "a"}]}
+    lane = {"X-Millimetric-Lane": "historical"}
+    check_accepted(await gw.post("/v1/batch", one, key, headers=lane), "batch")
+    check_accepted(await gw.post("/v1/batch", one, key), "batch")  # live: still its token
+    check_error(await gw.post("/v1/batch", one, key, headers=lane), "rate_limited", "batch")
+    check_error(await gw.post("/v1/batch", one, key), "rate_limited", "batch")
+
+
 @pytest.mark.parametrize("fail_open", [True, False])
 async def test_unreachable_redis_fails_open_by_default(broker: str, fail_open: bool) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
