@@ -34,6 +34,7 @@ from ingest.drain import wait_drained
 from ingest.local_s3 import BUCKET, LocalS3
 from ingest.ports import free_port, wait_for_port
 from ingest.records import decode, encode
+from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
 
@@ -251,7 +252,12 @@ async def run(settings: Settings) -> None:
         broker = EmbeddedBroker(store=store).start(die_with_parent)
         bootstrap = broker.bootstrap
     idempotence = settings.kafka_idempotence and broker is None
-    await ensure_topics(bootstrap, settings.kafka_replication_factor)
+
+    async def create_topics() -> None:
+        await ensure_topics(bootstrap, settings.kafka_replication_factor)
+
+    # The broker may listen a moment before it answers (it reads its log from S3 first).
+    await retrying("dev: create topics", create_topics, attempts=8, max_delay_s=5.0)
     journal = settings.data_dir / KEYS_JOURNAL
     journal_from = await replay_keys(bootstrap, journal) if broker else 0
     env = {
