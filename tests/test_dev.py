@@ -148,7 +148,12 @@ def test_kill_9_of_the_whole_dev_loses_and_doubles_nothing(dev: Dev) -> None:
     dev.signal_group(signal.SIGKILL)  # while the processor and the sink still work through them
     dev.proc.wait(30)
     dev.start()
-    assert dev.wait_for_rows(ACCEPTED) == (ACCEPTED, ACCEPTED, ACCEPTED), dev.output()
+    _, final, distinct = dev.wait_for_rows(ACCEPTED)
+    assert (final, distinct) == (ACCEPTED, ACCEPTED), dev.output()
+    # A batch the sink inserted but had not committed when killed is inserted again: the
+    # table collapses those repeats when its parts merge (FINAL reads as if they had).
+    dev.cli("sql", "OPTIMIZE TABLE events FINAL")
+    assert dev.counts() == (ACCEPTED, ACCEPTED, ACCEPTED)
 
 
 @pytest.mark.slow
