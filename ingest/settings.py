@@ -89,8 +89,19 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(
         Path(".millimetric"),
-        description="Where `dev` keeps the embedded "
+        description="Where `dev` keeps its queue (the embedded broker's log), the embedded "
         "ClickHouse, the keys journal and its generated IP salt.",
+    )
+    dev_ephemeral: bool = Field(
+        False,
+        description="`dev`'s embedded broker keeps its queue in memory (`dev --ephemeral`): "
+        "faster, for tests and benchmarks, but accepted events not yet in ClickHouse are lost "
+        "when `dev` stops without draining, crashes or is killed.",
+    )
+    dev_drain_timeout_s: float = Field(
+        60.0,
+        description="How long `dev` waits, when asked to stop, for the processor and the sink "
+        "to store what the gateway accepted (a second Ctrl-C stops at once).",
     )
     gateway_host: str = Field("127.0.0.1", description="Gateway bind address.")
     gateway_port: int = Field(8787, description="Gateway port.")
