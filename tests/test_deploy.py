@@ -99,7 +99,7 @@ def _served(stage: str, env: dict[str, str]) -> tuple[int | None, set[str]]:
         return _effective_port(env, "gateway_port"), _gateway_paths()
     if stage == "processor":
         return _effective_port(env, "processor_port"), _processor_paths()
-    return None, set()
+    return _effective_port(env, "sink_metrics_port"), {"/health", "/ready", "/metrics"}
 
 
 def _check_loopback_probes(stage: str, env: dict[str, str], texts: list[str]) -> int:
@@ -176,7 +176,7 @@ def test_compose_stages_start_with_valid_settings(monkeypatch: pytest.MonkeyPatc
         if stage == "sink":
             assert settings.clickhouse_url, name
         checks = [" ".join(service.get("healthcheck", {}).get("test", []))]
-        assert _check_loopback_probes(stage, env, checks) == (stage != "sink"), name
+        assert _check_loopback_probes(stage, env, checks) == 1, name
 
 
 def test_proxy_sends_to_every_gateway_on_its_port() -> None:
@@ -212,9 +212,6 @@ def test_deployments_probe_what_the_stages_serve() -> None:
         env = config | {e["name"]: e["value"] for e in container.get("env", [])}
         port, paths = _served(stage, env)
         probes = [container[p] for p in ("readinessProbe", "livenessProbe") if p in container]
-        if stage == "sink":
-            assert probes == []  # the sink serves no HTTP (yet)
-            continue
         assert len(probes) == 2, stage
         for probe in probes:
             if "httpGet" in probe:
