@@ -124,7 +124,10 @@ ERROR_CODES: dict[str, ErrorCode] = {
         404, "No such endpoint.", "See the endpoint list in the README or /openapi.json.", "route"
     ),
     "method_not_allowed": ErrorCode(
-        405, "This endpoint does not take that method.", "Use POST for /v1/* endpoints.", "route"
+        405,
+        "This endpoint does not take that method.",
+        "Use POST to send (GET only for /v1/forget/<forget_id> and /v1/a.js).",
+        "route",
     ),
     "rate_limited": ErrorCode(
         429,

@@ -120,8 +120,8 @@ FORGETS = Counter(
 )
 LAG_RECORDS = Gauge(
     "millimetric_consumer_lag_records",
-    "Records on a partition not yet committed by a consumer group (see Operations: on Tansu "
-    "an approximation).",
+    "Records on a partition not yet committed by a consumer group (from the fetch high "
+    "watermark, so exact on Tansu too).",
     ["group", "topic", "partition"],
 )
 LAG_SECONDS = Gauge(

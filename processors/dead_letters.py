@@ -1,8 +1,8 @@
 """What the processor puts on the dead-letter topic: the reason, where the record came from, and
 the record with its client IP redacted.
 
-Dead letters are kept for the topic's retention (30 days, longer than the raw topic's 7), so they
-must not carry the IP: a decodable record keeps everything a retry needs, with `context.ip`
+Dead letters are kept for the topic's retention (7 days, as the raw topic), and still must not
+carry the IP: a decodable record keeps everything a retry needs, with `context.ip`
 replaced by what enrichment derives from it (`ip_hash`, `country`), which `Enricher` takes back
 as-is, so a record replayed from a dead letter enriches to the same row. A record that cannot be
 decoded keeps no content (it could hold an IP anywhere, and no retry could decode it): its raw
@@ -23,6 +23,7 @@ REASONS: dict[str, str] = {
     "link_refused": "the broker refused the identify's identity link for good",
     "record_too_large": "the broker refuses the enriched record (or its dead letter) for its size",
     "forget_failed": "a forget request could not be resolved (kept whole: it holds no IP)",
+    "unmappable": "a webhook delivery the hook's mapping cannot turn into an event",
 }
 
 
