@@ -4,7 +4,9 @@ each with its own config, data dir and free loopback ports, all in one temp dir.
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +40,26 @@ class ZooKeeper(LocalServer):
             *("-Dzookeeper.admin.enableServer=false", "-Xmx256m"),
             *("org.apache.zookeeper.server.ZooKeeperServerMain", str(self.tcp), str(self.root)),
         ]
+
+    def start(self) -> ZooKeeper:
+        """Start it and wait until it serves: its port opens first, and a clickhouse-server
+        18.16 whose first handshake fails there never connects again."""
+        super().start()
+        deadline = time.monotonic() + 60
+        while not self.serving():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ZooKeeper on port {self.tcp} does not serve")
+            time.sleep(0.1)
+        return self
+
+    def serving(self) -> bool:
+        """Whether it answers the `srvr` command with its mode (it then takes sessions)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.tcp), timeout=2) as conn:
+                conn.sendall(b"srvr")
+                return b"Mode:" in conn.recv(4096)
+        except OSError:
+            return False
 
 
 class ClickHouseCluster:
