@@ -13,6 +13,9 @@ from bench.services import CLICKHOUSE_SERVER_BIN, ClickHouseServer
 from tests.redis_service import RedisServer, running_redis
 from tests.services import clickhouse_server, kafka_broker
 
+# How much of each stage log a failure report shows (the end is where the error is).
+LOG_TAIL = 8000
+
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[str]:
@@ -63,3 +66,15 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()
     return path
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """On a failure, attach the tail of every stage log in the test's data dir to the report."""
+    report = yield
+    data = item.funcargs.get("data_dir") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(data, Path):
+        for log in sorted(data.glob("*.log")):
+            tail = log.read_text(errors="replace")[-LOG_TAIL:]
+            report.sections.append((f"stage log {log.name} ({report.when})", tail))
+    return report

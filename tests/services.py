@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -55,6 +55,21 @@ def kafka_broker() -> Iterator[str]:
         broker.stop()
 
 
+# Errors a query meets while the sink is starting (store held, endpoint not up, no tables yet).
+NOT_READY = (
+    "cannot open the embedded store",
+    "Connection refused",
+    "doesn't exist",
+    "UNKNOWN_TABLE",
+    "UNKNOWN_DATABASE",
+)
+
+
+def not_ready(error: str) -> bool:
+    """Whether a query error means "not there yet" rather than a wrong query."""
+    return any(sign in error for sign in NOT_READY)
+
+
 class Pipeline:
     """A broker, gateway, processor and sink wired together, with one sk_ key."""
 
@@ -92,11 +107,15 @@ class Pipeline:
         """Start the stages (all by default); with the gateway, create a key and wait for it."""
         from gateway.key_admin import create_key
 
-        for name in names or tuple(self.stages):
-            self.stages[name].start()
-        if "gateway" in (names or self.stages):
-            self.key = asyncio.run(create_key(self.bootstrap, "demo", "sk", "live", []))
-            self.wait_ready()
+        try:
+            for name in names or tuple(self.stages):
+                self.stages[name].start()
+            if "gateway" in (names or self.stages):
+                self.key = asyncio.run(create_key(self.bootstrap, "demo", "sk", "live", []))
+                self.wait_ready()
+        except BaseException:  # a fixture that fails to start must not leak its stages
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -112,6 +131,17 @@ class Pipeline:
             headers={"Authorization": f"Bearer {key or self.key}"},
         )
 
+    def post_accepted(self, path: str, body: object, timeout: float = 60) -> httpx.Response:
+        """POST as a well-behaved client does: a 503 (a broker slow to ack on a loaded machine)
+        is retried after its Retry-After, with the same body; any other answer must be 202."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.post(path, body)
+            if r.status_code != 503 or time.monotonic() > deadline:
+                assert r.status_code == 202, r.text
+                return r
+            time.sleep(float(r.headers.get("Retry-After", "1")))
+
     def sql(self, query: str) -> str:
         """Query ClickHouse as `millimetric sql` does."""
         out = subprocess.run(
@@ -125,17 +155,24 @@ class Pipeline:
             raise RuntimeError(out.stderr)
         return out.stdout
 
-    def wait_for(self, query: str, expected: str, timeout: float = 60) -> str:
-        """Poll a query until its output equals `expected` (or time out with the last output)."""
+    def wait_for(self, query: str, expected: str, timeout: float = 90) -> str:
+        """Poll a query until its output equals `expected` (or time out with the last output).
+
+        Only "not there yet" errors (the sink starting, its tables not created) are polled
+        through: any other query error fails at once with ClickHouse's message."""
         deadline = time.monotonic() + timeout
-        last = ""
+        last = error = ""
         while time.monotonic() < deadline:
-            with suppress(RuntimeError):  # the sink may still be starting
-                last = self.sql(query)
+            try:
+                last, error = self.sql(query), ""
+            except RuntimeError as failure:
+                error = str(failure)
+                if not not_ready(error):
+                    raise AssertionError(f"{query!r} failed: {error}") from None
             if last == expected:
                 return last
             time.sleep(0.5)
-        raise AssertionError(f"{query!r} gave {last!r}, expected {expected!r}")
+        raise AssertionError(f"{query!r} gave {last!r}, expected {expected!r}; last error: {error}")
 
     def stop(self) -> None:
         """Stop every stage gracefully, front to back."""
