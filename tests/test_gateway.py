@@ -548,9 +548,15 @@ async def test_rate_limited_with_retry_after_then_the_bucket_refills(gw: Gw) -> 
     check_accepted(await gw.post("/v1/batch", {"events": [{"event": "a"}]}, key), "batch")
     await asyncio.sleep(0.3)  # 4 tokens/s: one token is back after 0.25 s
     check_accepted(await gw.post("/v1/track", {"event": "a"}, key), "track")
+    # A larger burst keeps the bucket's tokens (at most 1 left of the old burst of 2; then a
+    # token per 100 s): raising a limit does not hand out a full new bucket, however slow the
+    # machine is.
+    await set_limit(gw, project, "track", Limit(rate=0.01, burst=100))
+    statuses = [(await gw.post("/v1/track", {"event": "a"}, key)).status_code for _ in range(3)]
+    assert statuses.count(202) <= 1 and statuses[-2:] == [429, 429], statuses
     await set_limit(gw, project, "track", None)  # reset: the default (50/s) is back
     assert gw.app.state.gateway.limit_for("track", project) == Limit(50.0, 200)
-    await asyncio.sleep(0.2)  # the bucket keeps its tokens across the change; 50/s refill
+    await asyncio.sleep(0.2)  # 10 tokens at 50/s (a slower sleep only adds more)
     for _ in range(5):
         check_accepted(await gw.post("/v1/track", {"event": "a"}, key), "track")
 
