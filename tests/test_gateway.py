@@ -565,15 +565,16 @@ async def test_default_batch_limit_5_per_s_burst_20(gw: Gw) -> None:
     assert load_default_limits()["batch"] == Limit(5.0, 20)
     assert load_default_limits()["track"] == Limit(50.0, 200)
     key = await new_key(gw, "sk", f"def-{uuid.uuid4().hex[:8]}")
+    # Until the first 429 (however slow the machine, requests outpace 5/s): the burst of 20,
+    # then at most what 5/s refilled meanwhile.
     started = time.monotonic()
-    statuses = [
-        (await gw.post("/v1/batch", {"events": [{"event": "a"}]}, key)).status_code
-        for _ in range(30)
-    ]
+    statuses: list[int] = []
+    while 429 not in statuses and len(statuses) < 300:
+        r = await gw.post("/v1/batch", {"events": [{"event": "a"}]}, key)
+        statuses.append(r.status_code)
     elapsed = time.monotonic() - started
-    accepted = statuses.count(202)
-    assert statuses[:20] == [202] * 20 and 429 in statuses
-    assert accepted <= 20 + 5 * elapsed + 1
+    assert statuses[:20] == [202] * 20 and statuses[-1] == 429, statuses
+    assert statuses.count(202) <= 20 + 5 * elapsed + 1
 
 
 @pytest.mark.parametrize("fail_open", [True, False])
