@@ -211,7 +211,7 @@ def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
         },
     ).start()
     try:
-        human = p.post(
+        human = p.post_accepted(
             "/v1/track",
             {
                 "event": "open",
@@ -220,9 +220,13 @@ def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
                 "user_agent": CHROME_WINDOWS,
             },
         ).json()["event_id"]
-        p.post("/v1/track", {"event": "crawl", "user_agent": GOOGLEBOT, "ip": "81.2.69.1"})
+        # The bot's request is accepted (202), then dropped by the processor. One device for
+        # both, so one partition: once "after" has landed, "crawl" went through before it.
+        crawl = {"event": "crawl", "user_agent": GOOGLEBOT, "ip": "81.2.69.1"}
+        p.post_accepted("/v1/track", {**crawl, "anonymous_id": "visitor"})
         # (httpx's own User-Agent is a bot too: a person is forwarded explicitly)
-        p.post("/v1/track", {"event": "after", "user_agent": CHROME_WINDOWS})
+        after = {"event": "after", "user_agent": CHROME_WINDOWS, "anonymous_id": "visitor"}
+        p.post_accepted("/v1/track", after)
         p.wait_for("SELECT event FROM events ORDER BY event", "after\nopen\n")
         row = p.sql(
             "SELECT channel, source_rule_id, country, device_type, browser, os, is_bot, "

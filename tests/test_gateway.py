@@ -447,9 +447,13 @@ async def test_bad_bodies_are_documented_4xx(
 
 async def test_text_plain_is_accepted_for_send_beacon(gw: Gw) -> None:
     r = await gw.post(
-        "/v1/track", content=b'{"event": "a"}', headers={"content-type": "text/plain;charset=UTF-8"}
+        "/v1/track",
+        content=b'{"event": "beacon", "properties": {"n": 1}}',
+        headers={"content-type": "text/plain;charset=UTF-8"},
     )
-    check_accepted(r, "track")
+    event_id = check_accepted(r, "track")["event_id"]
+    record = (await raw_records(gw.bootstrap, [event_id]))[event_id]
+    assert record["event"] == "beacon" and record["properties"] == {"n": 1}, record
 
 
 async def test_streamed_body_over_the_limit_without_content_length(gw: Gw) -> None:
