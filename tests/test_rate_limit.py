@@ -304,6 +304,7 @@ async def test_redis_outage_fails_open_then_recovers(
             assert [d.allowed for d in got] == [True, True, True, False]
             proj = project()
     finally:
+        redis_server.start()  # the module's server, whatever happened (a no-op when running)
         await fail_open.close()
         await fail_closed.close()
 
