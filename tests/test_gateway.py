@@ -380,6 +380,25 @@ async def test_cors_preflight(gw: Gw) -> None:
     check_error(await preflight("/v1/forget", ORIGIN), "origin_not_allowed")  # sk_ only
 
 
+async def test_revoking_a_pk_key_shrinks_the_cors_allowlist(gw: Gw) -> None:
+    origin = f"https://shop-{uuid.uuid4().hex[:8]}.example"
+    key = await new_key(gw, "pk", origins=[origin])
+    headers = {"origin": origin, "access-control-request-method": "POST"}
+
+    async def preflight_refused() -> bool:
+        r = await gw.client.options("/v1/track", headers=headers)
+        return r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
+
+    assert not await preflight_refused()  # the key's origin is allowed while the key lives
+    assert await revoke_key(gw.bootstrap, key) == 1
+    await wait_until(preflight_refused)
+    r = await gw.client.options("/v1/track", headers=headers)
+    assert "access-control-allow-origin" not in r.headers
+    # Origins of the other pk_ keys stay allowed.
+    r = await gw.client.options("/v1/track", headers={**headers, "origin": ORIGIN})
+    assert r.status_code == 204
+
+
 async def test_revocation_reaches_the_gateway_within_seconds(gw: Gw) -> None:
     key = await new_key(gw, "sk")
     check_accepted(await gw.post("/v1/track", {"event": "a"}, key), "track")

@@ -106,6 +106,19 @@ def test_forget_erases_both_devices_and_their_sessions(pipeline: Pipeline) -> No
     pipeline.wait_for(f"SELECT user_id FROM events WHERE event_id = '{again}'", "\n")
 
 
+def test_forget_by_anonymous_id_only_erases_that_device(pipeline: Pipeline) -> None:
+    for _ in range(2):
+        track(pipeline, anonymous_id="kiosk")
+    home = track(pipeline, anonymous_id="home")
+    pipeline.wait_for("SELECT count() FROM events FINAL", "3\n")
+    r = pipeline.post_accepted("/v1/forget", {"anonymous_id": "kiosk"})
+    status = forget_status(pipeline, r.json()["forget_id"])
+    assert status["status"] == "done" and status["events_deleted"] == 2, status
+    assert pipeline.sql("SELECT event_id FROM events") == f"{home}\n"
+    sessions = pipeline.sql("SELECT anyMerge(anonymous_id) FROM sessions GROUP BY session_id")
+    assert sessions == "home\n"
+
+
 def test_forget_of_unknown_user_completes_with_zero_rows(pipeline: Pipeline) -> None:
     r = pipeline.post("/v1/forget", {"user_id": "nobody"})
     status = forget_status(pipeline, r.json()["forget_id"])
