@@ -14,14 +14,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.services import ClickHouseServer, stage, wait_http_ok
 from ingest.dev import EmbeddedBroker, free_port
+from ingest.records import decode
+from ingest.topics import topic
 
 
 @contextmanager
@@ -190,3 +194,31 @@ class Pipeline:
         )
         events, rollup, sessions = (int(v) for v in out.split())
         return events, rollup, sessions
+
+
+async def read_topic(
+    bootstrap: str,
+    role: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout: float = 30,
+) -> dict[str, Any]:
+    """Records of a topic from its start, by event_id or forget_id, read until
+    `until(records_by_id)` holds (or `timeout` passed)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        name = topic(role).name
+        await consumer.topics()
+        tps = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        while not until(out) and time.monotonic() < deadline:
+            for messages in (await consumer.getmany(timeout_ms=200)).values():
+                for m in messages:
+                    record = decode(m.value)
+                    out[record.get("event_id") or record.get("forget_id")] = record
+        return out
+    finally:
+        await consumer.stop()

@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,9 +33,8 @@ from gateway.responses import BatchAccepted, ErrorBody, ForgetAccepted, TrackAcc
 from gateway.validate import new_id
 from ingest.dev import free_port
 from ingest.errors import ERROR_CODES
-from ingest.records import decode
 from ingest.settings import Settings
-from ingest.topics import topic
+from tests.services import read_topic
 
 ORIGIN = "https://site.example"
 JSON = {"content-type": "application/json"}
@@ -118,28 +116,6 @@ async def set_limit(gw: Gw, project: str, route: str, limit: Limit | None) -> No
         return store.limit_override(project, route) == limit
 
     await wait_until(applied)
-
-
-async def read_topic(bootstrap: str, role: str, until: Callable[[dict[str, Any]], bool]):
-    """Records of a topic from its start, read until `until(records_by_id)` holds (10 s)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        name = topic(role).name
-        await consumer.topics()
-        tps = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: dict[str, Any] = {}
-        deadline = time.monotonic() + 10
-        while not until(out) and time.monotonic() < deadline:
-            for messages in (await consumer.getmany(timeout_ms=200)).values():
-                for m in messages:
-                    record = decode(m.value)
-                    out[record.get("event_id") or record.get("forget_id")] = record
-        return out
-    finally:
-        await consumer.stop()
 
 
 async def raw_records(bootstrap: str, ids: list[str]) -> dict[str, Any]:

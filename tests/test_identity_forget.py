@@ -3,6 +3,7 @@ server. Forgets race in-flight events; the processor restarts between identify a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import Pipeline
+from tests.services import Pipeline, read_topic
 
 # Exact changelog recovery on Tansu (see README): one record per producer batch.
 EXACT_TABLES = {
@@ -54,6 +55,14 @@ def forget_status(p: Pipeline, forget_id: str, timeout: float = 90) -> dict[str,
         time.sleep(0.5)
 
 
+def erasure_devices(p: Pipeline, forget_id: str) -> list[str]:
+    """The devices the processor itself resolved for a forget (its erasures-topic record); the
+    status' count can hide a lost device list, as the sink also finds devices in the rows."""
+    records = asyncio.run(read_topic(p.bootstrap, "erasures", lambda seen: forget_id in seen))
+    assert forget_id in records, f"no erasure for {forget_id}"
+    return list(records[forget_id]["anonymous_ids"])
+
+
 def test_identify_fills_user_id_on_later_anonymous_events(pipeline: Pipeline) -> None:
     track(pipeline, anonymous_id="dev1")
     r = pipeline.post(
@@ -85,8 +94,9 @@ def test_forget_erases_both_devices_and_their_sessions(pipeline: Pipeline) -> No
     status = forget_status(pipeline, r.json()["forget_id"])
     assert status["status"] == "done", status
     assert status["events_deleted"] == 6 and status["anonymous_ids"] == 2
-    # The gateway answers for it too (sk_ keys), from the keys topic every gateway follows.
     forget_id = r.json()["forget_id"]
+    assert erasure_devices(pipeline, forget_id) == ["laptop", "phone"]
+    # The gateway answers for it too (sk_ keys), from the keys topic every gateway follows.
     deadline = time.monotonic() + 10
     answer = {}
     while time.monotonic() < deadline and answer.get("status") != "done":
@@ -177,4 +187,5 @@ def test_processor_restart_between_identify_and_forget(pipeline: Pipeline) -> No
     r = pipeline.post("/v1/forget", {"user_id": "erin"})
     status = forget_status(pipeline, r.json()["forget_id"])
     assert status["status"] == "done" and status["anonymous_ids"] == 2, status
+    assert erasure_devices(pipeline, r.json()["forget_id"]) == ["tab1", "tab2"]
     assert pipeline.sql("SELECT count() FROM events") == "0\n"
