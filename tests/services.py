@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from bench.services import ClickHouseServer, stage, wait_http_ok
 from ingest.dev import EmbeddedBroker, free_port
 from ingest.records import decode
 from ingest.topics import topic
+from sinks.clickhouse import ServerClickHouse
+from sinks.sql_endpoint import SqlRefused, query_endpoint
 
 
 @contextmanager
@@ -74,6 +76,13 @@ def not_ready(error: str) -> bool:
     return any(sign in error for sign in NOT_READY)
 
 
+# With these, the in-process query path (plain connection, URL credentials) does not apply.
+PLAIN_SERVER_ONLY = {
+    f"MILLIMETRIC_CLICKHOUSE_{name}"
+    for name in ("SECURE", "PASSWORD", "PASSWORD_FILE", "CA_CERTS", "CLUSTER")
+}
+
+
 class Pipeline:
     """A broker, gateway, processor and sink wired together, with one sk_ key."""
 
@@ -106,6 +115,7 @@ class Pipeline:
         self.env = env
         self.stages = {name: stage(name, env, root) for name in ("sink", "processor", "gateway")}
         self.key = ""
+        self._server: ServerClickHouse | None = None
 
     def start(self, *names: str) -> Pipeline:
         """Start the stages (all by default); with the gateway, create a key and wait for it."""
@@ -147,7 +157,23 @@ class Pipeline:
             time.sleep(float(r.headers.get("Retry-After", "1")))
 
     def sql(self, query: str) -> str:
-        """Query ClickHouse as `millimetric sql` does."""
+        """Query ClickHouse as `millimetric sql` does, in this process when it can (a poll then
+        costs a round trip, not a Python start): RuntimeError with ClickHouse's message."""
+        if self.clickhouse_url is None:
+            try:  # a running sink holds the embedded store and serves queries
+                return query_endpoint(Path(self.env["MILLIMETRIC_DATA_DIR"]), query, timeout=60)
+            except SqlRefused as error:
+                raise RuntimeError(str(error)) from None
+            except OSError:
+                pass  # no sink serves: the command opens the store itself
+        elif not PLAIN_SERVER_ONLY.intersection(self.env):
+            try:
+                if self._server is None:
+                    self._server = ServerClickHouse(self.clickhouse_url)
+                return self._server.query_tsv(query)
+            except Exception as error:
+                self._drop_server()  # a stopped server: reconnect at the next query
+                raise RuntimeError(str(error)) from None
         out = subprocess.run(
             [sys.executable, "-m", "ingest.cli", "sql", query],
             env=self.env,
@@ -182,6 +208,13 @@ class Pipeline:
         """Stop every stage gracefully, front to back."""
         for name in ("gateway", "processor", "sink"):
             self.stages[name].stop()
+        self._drop_server()
+
+    def _drop_server(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            with suppress(Exception):  # closing a broken connection may fail: it is gone anyway
+                server.close()
 
     def counts(self) -> tuple[int, int, int]:
         """Distinct events as `events`, `daily_rollup` and `sessions` each count them."""
