@@ -13,6 +13,9 @@ from bench.services import CLICKHOUSE_SERVER_BIN, ClickHouseServer
 from tests.redis_service import RedisServer, running_redis
 from tests.services import clickhouse_server, kafka_broker
 
+# How much of each stage log a failure report shows (the end is where the error is).
+LOG_TAIL = 8000
+
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[str]:
@@ -63,3 +66,52 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()
     return path
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """On a failure, attach the tail of every stage log in the test's data dir to the report."""
+    report = yield
+    data = item.funcargs.get("data_dir") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(data, Path):
+        for log in sorted(data.glob("*.log")):
+            tail = log.read_text(errors="replace")[-LOG_TAIL:]
+            report.sections.append((f"stage log {log.name} ({report.when})", tail))
+    return report
+
+
+# Tiers by what a test starts (`bash tests/run.sh -m unit` runs in seconds); a test's or module's
+# own tier mark wins, `slow` is the chaos tier.
+TIERS = ("unit", "service", "pipeline", "chaos")
+PIPELINE_FIXTURES = {"data_dir", "pipeline"}  # stage subprocesses, their logs in data_dir
+SERVICE_FIXTURES = {
+    *("broker", "fresh_broker", "ch_server", "ch_url", "redis_server"),
+    *("limiter", "ch"),  # they take the services through request.getfixturevalue
+}
+# Modules whose tests start their services themselves (not through a fixture): their tier.
+MODULE_TIERS = {
+    "test_batch_publisher": "service",
+    "test_connections": "service",
+    "test_containers": "service",
+    "test_end_to_end": "pipeline",
+    "test_gateway_hardening": "service",
+    "test_gateway_processes": "pipeline",
+    "test_processor_faults": "service",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test its tier mark."""
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        names = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("slow"):
+            tier = "chaos"
+        elif names & PIPELINE_FIXTURES:
+            tier = "pipeline"
+        elif names & SERVICE_FIXTURES:
+            tier = "service"
+        else:
+            tier = MODULE_TIERS.get(item.path.stem, "unit")
+        item.add_marker(tier)

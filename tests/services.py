@@ -14,14 +14,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.services import ClickHouseServer, stage, wait_http_ok
 from ingest.dev import EmbeddedBroker, free_port
+from ingest.records import decode
+from ingest.topics import topic
+from sinks.clickhouse import ServerClickHouse
+from sinks.sql_endpoint import SqlRefused, query_endpoint
 
 
 @contextmanager
@@ -53,6 +59,28 @@ def kafka_broker() -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.stop()
+
+
+# Errors a query meets while the sink is starting (store held, endpoint not up, no tables yet).
+NOT_READY = (
+    "cannot open the embedded store",
+    "Connection refused",
+    "doesn't exist",
+    "UNKNOWN_TABLE",
+    "UNKNOWN_DATABASE",
+)
+
+
+def not_ready(error: str) -> bool:
+    """Whether a query error means "not there yet" rather than a wrong query."""
+    return any(sign in error for sign in NOT_READY)
+
+
+# With these, the in-process query path (plain connection, URL credentials) does not apply.
+PLAIN_SERVER_ONLY = {
+    f"MILLIMETRIC_CLICKHOUSE_{name}"
+    for name in ("SECURE", "PASSWORD", "PASSWORD_FILE", "CA_CERTS", "CLUSTER")
+}
 
 
 class Pipeline:
@@ -87,16 +115,21 @@ class Pipeline:
         self.env = env
         self.stages = {name: stage(name, env, root) for name in ("sink", "processor", "gateway")}
         self.key = ""
+        self._server: ServerClickHouse | None = None
 
     def start(self, *names: str) -> Pipeline:
         """Start the stages (all by default); with the gateway, create a key and wait for it."""
         from gateway.key_admin import create_key
 
-        for name in names or tuple(self.stages):
-            self.stages[name].start()
-        if "gateway" in (names or self.stages):
-            self.key = asyncio.run(create_key(self.bootstrap, "demo", "sk", "live", []))
-            self.wait_ready()
+        try:
+            for name in names or tuple(self.stages):
+                self.stages[name].start()
+            if "gateway" in (names or self.stages):
+                self.key = asyncio.run(create_key(self.bootstrap, "demo", "sk", "live", []))
+                self.wait_ready()
+        except BaseException:  # a fixture that fails to start must not leak its stages
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -112,8 +145,38 @@ class Pipeline:
             headers={"Authorization": f"Bearer {key or self.key}"},
         )
 
+    def post_accepted(self, path: str, body: object, timeout: float = 60) -> httpx.Response:
+        """POST as a well-behaved client does: a 503 (a broker slow to ack on a loaded machine)
+        is retried after its Retry-After, with the same body; any other answer must be 202."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.post(path, body)
+            if r.status_code != 503 or time.monotonic() > deadline:
+                assert r.status_code == 202, r.text
+                return r
+            time.sleep(float(r.headers.get("Retry-After", "1")))
+
     def sql(self, query: str, write: bool = False) -> str:
-        """Query ClickHouse as `millimetric sql` does (`--write` for statements that change it)."""
+        """Query ClickHouse as `millimetric sql` does (`write`: its `--write`), in this process
+        when it can (a poll then costs a round trip, not a Python start): RuntimeError with
+        ClickHouse's message."""
+        if self.clickhouse_url is None:
+            try:  # a running sink holds the embedded store and serves queries
+                return query_endpoint(
+                    Path(self.env["MILLIMETRIC_DATA_DIR"]), query, write=write, timeout=60
+                )
+            except SqlRefused as error:
+                raise RuntimeError(str(error)) from None
+            except OSError:
+                pass  # no sink serves: the command opens the store itself
+        elif not PLAIN_SERVER_ONLY.intersection(self.env):
+            try:
+                if self._server is None:
+                    self._server = ServerClickHouse(self.clickhouse_url)
+                return self._server.query_tsv(query)
+            except Exception as error:
+                self._drop_server()  # a stopped server: reconnect at the next query
+                raise RuntimeError(str(error)) from None
         out = subprocess.run(
             [sys.executable, "-m", "ingest.cli", "sql", *(["--write"] if write else []), query],
             env=self.env,
@@ -125,22 +188,36 @@ class Pipeline:
             raise RuntimeError(out.stderr)
         return out.stdout
 
-    def wait_for(self, query: str, expected: str, timeout: float = 60) -> str:
-        """Poll a query until its output equals `expected` (or time out with the last output)."""
+    def wait_for(self, query: str, expected: str, timeout: float = 90) -> str:
+        """Poll a query until its output equals `expected` (or time out with the last output).
+
+        Only "not there yet" errors (the sink starting, its tables not created) are polled
+        through: any other query error fails at once with ClickHouse's message."""
         deadline = time.monotonic() + timeout
-        last = ""
+        last = error = ""
         while time.monotonic() < deadline:
-            with suppress(RuntimeError):  # the sink may still be starting
-                last = self.sql(query)
+            try:
+                last, error = self.sql(query), ""
+            except RuntimeError as failure:
+                error = str(failure)
+                if not not_ready(error):
+                    raise AssertionError(f"{query!r} failed: {error}") from None
             if last == expected:
                 return last
             time.sleep(0.5)
-        raise AssertionError(f"{query!r} gave {last!r}, expected {expected!r}")
+        raise AssertionError(f"{query!r} gave {last!r}, expected {expected!r}; last error: {error}")
 
     def stop(self) -> None:
         """Stop every stage gracefully, front to back."""
         for name in ("gateway", "processor", "sink"):
             self.stages[name].stop()
+        self._drop_server()
+
+    def _drop_server(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            with suppress(Exception):  # closing a broken connection may fail: it is gone anyway
+                server.close()
 
     def counts(self) -> tuple[int, int, int]:
         """Distinct events as `events`, `daily_rollup` and `sessions` each count them."""
@@ -153,3 +230,31 @@ class Pipeline:
         )
         events, rollup, sessions = (int(v) for v in out.split())
         return events, rollup, sessions
+
+
+async def read_topic(
+    bootstrap: str,
+    role: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout: float = 30,
+) -> dict[str, Any]:
+    """Records of a topic from its start, by event_id or forget_id, read until
+    `until(records_by_id)` holds (or `timeout` passed)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        name = topic(role).name
+        await consumer.topics()
+        tps = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        while not until(out) and time.monotonic() < deadline:
+            for messages in (await consumer.getmany(timeout_ms=200)).values():
+                for m in messages:
+                    record = decode(m.value)
+                    out[record.get("event_id") or record.get("forget_id")] = record
+        return out
+    finally:
+        await consumer.stop()

@@ -57,6 +57,22 @@ def test_track_lands_classified_and_enriched(pipeline: Pipeline) -> None:
     assert session[0].startswith("u_abc-") and session[1] == "32"
 
 
+def test_a_client_retry_with_the_same_event_id_is_counted_once(pipeline: Pipeline) -> None:
+    """The client library resends the same bytes (event_id and timestamp): one event in every
+    table, as a single post and as a batch alike."""
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+    event = {"event": "buy", "anonymous_id": "r1", "event_id": "retry-1", "timestamp": stamp}
+    pipeline.post_accepted("/v1/track", event)
+    pipeline.post_accepted("/v1/batch", {"events": [event]})
+    pipeline.post_accepted("/v1/track", event)
+    # Same device, so same partition: once the marker has landed, every retry has too.
+    marker = pipeline.post_accepted("/v1/track", {"event": "marker", "anonymous_id": "r1"})
+    pipeline.wait_for(
+        f"SELECT count() FROM events WHERE event_id = '{marker.json()['event_id']}'", "1\n"
+    )
+    assert pipeline.counts() == (2, 2, 2)
+
+
 def test_fabricated_ids_and_timestamps(pipeline: Pipeline) -> None:
     r = pipeline.post(
         "/v1/batch",
@@ -211,7 +227,7 @@ def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
         },
     ).start()
     try:
-        human = p.post(
+        human = p.post_accepted(
             "/v1/track",
             {
                 "event": "open",
@@ -220,9 +236,13 @@ def test_enrichment_with_geo_database_project_rules_and_bot_dropping(
                 "user_agent": CHROME_WINDOWS,
             },
         ).json()["event_id"]
-        p.post("/v1/track", {"event": "crawl", "user_agent": GOOGLEBOT, "ip": "81.2.69.1"})
+        # The bot's request is accepted (202), then dropped by the processor. One device for
+        # both, so one partition: once "after" has landed, "crawl" went through before it.
+        crawl = {"event": "crawl", "user_agent": GOOGLEBOT, "ip": "81.2.69.1"}
+        p.post_accepted("/v1/track", {**crawl, "anonymous_id": "visitor"})
         # (httpx's own User-Agent is a bot too: a person is forwarded explicitly)
-        p.post("/v1/track", {"event": "after", "user_agent": CHROME_WINDOWS})
+        after = {"event": "after", "user_agent": CHROME_WINDOWS, "anonymous_id": "visitor"}
+        p.post_accepted("/v1/track", after)
         p.wait_for("SELECT event FROM events ORDER BY event", "after\nopen\n")
         row = p.sql(
             "SELECT channel, source_rule_id, country, device_type, browser, os, is_bot, "

@@ -280,14 +280,26 @@ def test_clickhouse_outage_under_load(
     pipeline = Pipeline(
         fresh_broker, ch_url, data_dir, {"MILLIMETRIC_SINK_RETRY_MAX_S": "1"}
     ).start("sink")
+    log = data_dir / "sink.log"
     try:
         produce(fresh_broker, [enriched(i) for i in range(1000)])
         wait_counts(pipeline, 1000)
         ch_server.stop()
-        produce(fresh_broker, [enriched(i) for i in range(1000, 3000)])
-        time.sleep(3)  # the sink retries against a stopped server meanwhile
-        ch_server.start()
+        try:
+            produce(fresh_broker, [enriched(i) for i in range(1000, 3000)])
+            # The sink retries its insert against the stopped server (the shared policy's log).
+            wait_log(log, "sink_insert failed (attempt 2", timeout=90)
+        finally:  # the session's server, whatever happens
+            ch_server.start()
         produce(fresh_broker, [enriched(i) for i in range(3000, 4000)])
         wait_counts(pipeline, 4000, timeout=120)
     finally:
         pipeline.stop()
+
+
+def wait_log(log: Path, text: str, timeout: float) -> None:
+    """Wait until a stage's log holds `text`."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{log.name} never said {text!r}"
+        time.sleep(0.5)

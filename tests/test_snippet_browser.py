@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,7 +26,7 @@ import pytest
 
 from gateway.key_admin import create_key
 from ingest.dev import free_port
-from tests.services import Pipeline, kafka_broker
+from tests.services import Pipeline, kafka_broker, not_ready
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
@@ -173,9 +173,13 @@ def rows(pipeline: Pipeline, columns: str, where: str, count: int) -> list[list[
     out: list[list[str]] = []
     while len(out) < count and time.monotonic() < deadline:
         time.sleep(0.5)
-        with suppress(RuntimeError):  # the sink may still be starting
+        try:
             lines = pipeline.sql(f"{query} ORDER BY timestamp").splitlines()
-            out = [line.split("\t") for line in lines]
+        except RuntimeError as error:  # only "the sink is still starting" is polled through
+            if not not_ready(str(error)):
+                raise
+            continue
+        out = [line.split("\t") for line in lines]
     if count == 0:
         out = [line.split("\t") for line in pipeline.sql(query).splitlines()]
     assert len(out) == count, out
