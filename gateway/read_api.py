@@ -43,6 +43,18 @@ PARAMETERS = {
     "sources": {"from", "to", "group_by", "conversion_event"},
     "events": {"from", "to", "event", "limit", "cursor"},
 }
+PARAMETER_HELP = {
+    "from": "Start: an ISO 8601 date or time, UTC unless it has an offset or `tz` is given.",
+    "to": "End, exclusive; a date means the end of that day. At most READ_MAX_RANGE_DAYS "
+    "after `from`.",
+    "event": "Only events of this name.",
+    "interval": "`day` (default) or `hour`.",
+    "tz": "IANA time zone of the buckets and of `from`/`to` without offset (default UTC).",
+    "group_by": "`channel` (default), `source`, `medium` or `campaign` of the entry.",
+    "conversion_event": "The event that makes a session a conversion (none: no conversions).",
+    "limit": f"Rows per page, 1 to READ_MAX_ROWS (default {DEFAULT_EVENTS_LIMIT}).",
+    "cursor": "The previous page's `next_cursor`.",
+}
 TIME_ZONES = zoneinfo.available_timezones()
 
 

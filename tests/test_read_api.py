@@ -18,6 +18,7 @@ import pytest
 
 from bench.services import ClickHouseServer
 from gateway.key_admin import create_key
+from gateway.responses import EventsAnswer, SourcesAnswer, StatsAnswer
 from tests.services import Pipeline, kafka_broker
 
 DAY1 = (datetime.now(UTC) - timedelta(days=2)).replace(hour=10, minute=0, second=0, microsecond=0)
@@ -133,6 +134,7 @@ def test_counts_equal_the_rows_sent_after_a_redelivery(
     assert sum(b["events"] for b in hourly["buckets"]) == len(SENT)
     sk = Reader(pipeline, pipeline.key)  # sk_ keys read too
     assert sk.get("/v1/stats", **{"from": FROM, "to": TO}).json()["buckets"] == expected_stats(SENT)
+    StatsAnswer.model_validate(hourly)
     only_signups = rk.get("/v1/stats", **{"from": FROM, "to": TO, "event": "signup"}).json()
     assert sum(b["events"] for b in only_signups["buckets"]) == 2
 
@@ -149,6 +151,7 @@ def test_sources_split_facebook_into_paid_and_organic_social(
         if sum(r["sessions"] for r in rows) == 4:
             break
         time.sleep(0.5)
+    SourcesAnswer.model_validate({"ok": True, "rows": rows})
     by_channel = {r["channel"]: r for r in rows}
     assert by_channel["Paid Social"] == {
         "channel": "Paid Social",
@@ -169,7 +172,7 @@ def test_events_pages_through_every_row_once(pipeline: Pipeline, keys: dict[str,
     seen: list[str] = []
     params = {"from": FROM, "to": TO, "limit": "2"}
     while True:
-        page = rk.get("/v1/events", **params).json()
+        page = EventsAnswer.model_validate(rk.get("/v1/events", **params).json()).model_dump()
         seen += [e["event_id"] for e in page["events"]]
         if page["next_cursor"] is None:
             break
