@@ -335,7 +335,9 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("key")
     limits = ks.add_parser("limits", help="override a project's rate limit on one route")
     limits.add_argument("--project", required=True)
-    limits.add_argument("--route", required=True, help="track, identify, batch, forget or hooks")
+    limits.add_argument(
+        "--route", required=True, help="track, identify, batch, forget, hooks or read"
+    )
     limits.add_argument("--rate", type=float, help="requests per second")
     limits.add_argument("--burst", type=int, help="bucket size")
     limits.add_argument("--reset", action="store_true", help="back to the default")
