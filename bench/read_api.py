@@ -3,7 +3,8 @@
 N synthetic events (deterministic: a function of the row number) go into a fresh embedded
 store through the real schema and its materialized views; the sink's SQL endpoint serves it,
 and each endpoint's answer function runs against it as the gateway's does (SQL, loopback HTTP,
-parsing), without the key check and the answer cache. `python -m bench.read_api N` runs it.
+parsing), without the key check and the answer cache. `python -m bench.read_api N [RUNS]`
+runs it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def load(ch: EmbeddedClickHouse, total: int, start: datetime) -> None:
         )
 
 
-async def measure(data_dir: Path, start: datetime) -> dict[str, list[float]]:
-    """RUNS timings (ms) of each endpoint over the whole range."""
+async def measure(data_dir: Path, start: datetime, runs: int) -> dict[str, list[float]]:
+    """`runs` timings (ms) of each endpoint over the whole range."""
     settings = Settings(data_dir=data_dir, read_max_range_days=DAYS + 1)
     reader = EndpointReader(data_dir, timeout_s=120)
     last_day = (start + timedelta(days=DAYS - 1)).date()  # a date `to` includes its day
@@ -77,7 +78,7 @@ async def measure(data_dir: Path, start: datetime) -> dict[str, list[float]]:
     timings: dict[str, list[float]] = {name: [] for name in queries}
     counted = 0
     try:
-        for _ in range(RUNS):
+        for _ in range(runs):
             for name, query in queries.items():
                 route = name.removesuffix("_hourly")
                 began = time.perf_counter()
@@ -91,7 +92,7 @@ async def measure(data_dir: Path, start: datetime) -> dict[str, list[float]]:
     return timings
 
 
-async def run_async(total: int, root: Path) -> list[Row]:
+async def run_async(total: int, root: Path, runs: int) -> list[Row]:
     """Load, serve, measure; rows for the bench table."""
     ch = EmbeddedClickHouse(root / "clickhouse")
     migrate(ch)
@@ -106,7 +107,7 @@ async def run_async(total: int, root: Path) -> list[Row]:
     while not (root / "clickhouse.endpoint").exists():
         await asyncio.sleep(0.05)
     try:
-        timings = await measure(root, start)
+        timings = await measure(root, start, runs)
     finally:
         stop.set()
         await server
@@ -121,11 +122,11 @@ async def run_async(total: int, root: Path) -> list[Row]:
     return rows
 
 
-def run(total: int) -> list[Row]:
-    """The bench in a temporary data directory."""
+def run(total: int, runs: int = RUNS) -> list[Row]:
+    """The bench in a temporary data directory: `total` events, `runs` calls of each endpoint."""
     root = Path(tempfile.mkdtemp(prefix="mm-bench-read-"))
     try:
-        return asyncio.run(run_async(total, root))
+        return asyncio.run(run_async(total, root, runs))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -133,4 +134,5 @@ def run(total: int) -> list[Row]:
 if __name__ == "__main__":
     from bench.table import markdown
 
-    print(markdown(run(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000)))
+    total = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    print(markdown(run(total, int(sys.argv[2]) if len(sys.argv) > 2 else RUNS)))
