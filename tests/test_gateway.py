@@ -315,6 +315,8 @@ OTHER_ROWS |= {
     "overloaded",
     "too_many_invalid_requests",
 }  # test_gateway_hardening.py
+# The read API's rows: tested against a running pipeline in test_read_api.py.
+OTHER_ROWS |= {"publishable_key_cannot_read", "invalid_parameter", "store_unavailable"}
 # The webhook rows: tested against a running pipeline in test_hooks.py.
 OTHER_ROWS |= {"invalid_signature", "stale_timestamp", "unknown_hook"}
 

@@ -259,3 +259,12 @@ def test_after_a_forget_the_person_is_gone_from_sources_and_events(
     assert sum(b["events"] for b in by_hour) == len(kept)
     # The daily rollup keeps its counts (README: what forget covers): states, not rows.
     assert rk.get("/v1/stats", **span).json()["buckets"] == expected_stats(SENT)
+
+
+def test_without_a_store_reads_are_503(pipeline: Pipeline, keys: dict[str, str]) -> None:
+    if pipeline.clickhouse_url:
+        pytest.skip("a ClickHouse server outlives the sink; only chdb is served by it")
+    pipeline.stages["sink"].stop()  # last test of the module: the store goes with the sink
+    r = Reader(pipeline, keys["rk"]).get("/v1/stats", **{"from": FROM, "to": TO, "tz": "UTC"})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "store_unavailable" and r.headers["retry-after"] == "1"
