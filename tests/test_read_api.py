@@ -100,7 +100,7 @@ def pipeline(request: pytest.FixtureRequest) -> Iterator[Pipeline]:
         url = server.url("t_read") if isinstance(server, ClickHouseServer) else server
     root = Path(tempfile.mkdtemp(prefix="mm-read-"))
     with kafka_broker() as bootstrap:
-        env = {"MILLIMETRIC_READ_CACHE_S": "1", "MILLIMETRIC_FORGET_GRACE_S": "1"}
+        env = {"MILLIMETRIC_READ_CACHE_S": "5", "MILLIMETRIC_FORGET_GRACE_S": "1"}
         p = Pipeline(bootstrap, url, root, env).start()
         try:
             yield p
@@ -253,18 +253,36 @@ def test_after_a_forget_the_person_is_gone_from_sources_and_events(
             break
         time.sleep(0.5)
     assert [e["event_id"] for e in events] == [e["event_id"] for e in kept]
-    rows = rk.get("/v1/sources", **span, conversion_event="signup").json()["rows"]
+    # Parameters asked for nowhere before: no answer cached before the forget.
+    rows = rk.get("/v1/sources", **span, conversion_event="signup", group_by="channel").json()[
+        "rows"
+    ]
     assert sum(r["sessions"] for r in rows) == 3 and sum(r["conversions"] for r in rows) == 1
-    by_hour = rk.get("/v1/stats", **span, interval="hour").json()["buckets"]
+    by_hour = rk.get("/v1/stats", **span, interval="hour", tz="UTC").json()["buckets"]
     assert sum(b["events"] for b in by_hour) == len(kept)
     # The daily rollup keeps its counts (README: what forget covers): states, not rows.
     assert rk.get("/v1/stats", **span).json()["buckets"] == expected_stats(SENT)
 
 
-def test_without_a_store_reads_are_503(pipeline: Pipeline, keys: dict[str, str]) -> None:
+def test_answers_are_cached_and_without_a_store_reads_are_503(
+    pipeline: Pipeline, keys: dict[str, str]
+) -> None:
     if pipeline.clickhouse_url:
-        pytest.skip("a ClickHouse server outlives the sink; only chdb is served by it")
-    pipeline.stages["sink"].stop()  # last test of the module: the store goes with the sink
-    r = Reader(pipeline, keys["rk"]).get("/v1/stats", **{"from": FROM, "to": TO, "tz": "UTC"})
-    assert r.status_code == 503, r.text
-    assert r.json()["error"] == "store_unavailable" and r.headers["retry-after"] == "1"
+        pytest.skip("the server is read directly; the sink's endpoint serves only chdb")
+    rk = Reader(pipeline, keys["rk"])
+    params = {"from": FROM, "to": TO, "tz": "Europe/Paris"}
+    first = rk.get("/v1/stats", **params)
+    deadline = time.monotonic() + 60
+    while first.status_code != 200 and time.monotonic() < deadline:  # the sink may be starting
+        time.sleep(0.5)
+        first = rk.get("/v1/stats", **params)
+    assert first.status_code == 200, first.text
+    endpoint = pipeline.root / "clickhouse.endpoint"
+    endpoint.rename(endpoint.with_suffix(".away"))  # the gateway finds no sink to ask
+    try:
+        assert rk.get("/v1/stats", **params).json() == first.json()  # from the cache
+        r = rk.get("/v1/stats", **params, event="page")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "store_unavailable" and r.headers["retry-after"] == "1"
+    finally:
+        endpoint.with_suffix(".away").rename(endpoint)
