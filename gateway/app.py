@@ -32,6 +32,7 @@ from gateway.rate_limit import (
     RedisRateLimiter,
     load_default_limits,
 )
+from gateway.read_api import ReadApi
 from gateway.request_metrics import RequestMetrics
 from gateway.responses import error_response, json_response
 from gateway.snippet import build as build_snippet
@@ -202,6 +203,7 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
             yield
         finally:
             await gateway.stop()
+            await read.close()
 
     ingest = {f"/v1/{name}": IngestEndpoint(gateway, name) for name in ROUTES}
     # Also routed, so that other methods on these paths get Starlette's 405.
@@ -210,6 +212,8 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
     ]
     routes += [Route("/v1/forget/{forget_id}", _forget_status, methods=["GET"])]
     routes += [Route("/v1/hooks/{hook_id}", HookEndpoint(gateway), methods=["POST"])]
+    read = ReadApi(gateway)
+    routes += read.routes()
     routes += [Route("/health", _health), Route("/ready", _ready)]
     routes += [Route("/v1/a.js", serve_snippet)]
     routes += [Route("/openapi.json", _openapi)]

@@ -42,6 +42,7 @@ ROUTE_KINDS: dict[str, tuple[frozenset[str], str]] = {
     "identify": (frozenset({"pk", "sk"}), "read_only_key"),
     "batch": (frozenset({"pk", "sk"}), "read_only_key"),
     "forget": (frozenset({"sk"}), "forget_requires_secret_key"),
+    "read": (frozenset({"rk", "sk"}), "publishable_key_cannot_read"),
 } | {route: (frozenset({"pk", "sk"}), "read_only_key") for route in SEGMENT_ROUTES}
 
 

@@ -16,13 +16,17 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.auth import ROUTE_KINDS, SEGMENT_ROUTES
 from gateway.models import BatchBody, ForgetBody, IdentifyBody, SegmentMessage, TrackBody
+from gateway.read_api import ANSWERS, PARAMETER_HELP, PARAMETERS
 from gateway.responses import (
     BatchAccepted,
     ErrorBody,
+    EventsAnswer,
     ForgetAccepted,
     ForgetStatus,
     Health,
     Ready,
+    SourcesAnswer,
+    StatsAnswer,
     TrackAccepted,
 )
 from ingest.errors import ERROR_CODES
@@ -56,6 +60,22 @@ HOOK_ERRORS = [
     "unknown_hook",
     "rate_limited",
     "broker_unavailable",
+]
+READ_ANSWERS: dict[str, tuple[str, type[BaseModel]]] = {
+    "stats": ("Events, visitors and users per day or hour.", StatsAnswer),
+    "sources": ("Sessions, visitors and conversions by entry source.", SourcesAnswer),
+    "events": ("Raw events, a page at a time, for export.", EventsAnswer),
+}
+READ_ERRORS = [
+    "missing_api_key",
+    "malformed_api_key",
+    "secret_key_in_url",
+    "invalid_api_key",
+    "publishable_key_cannot_read",
+    "invalid_parameter",
+    "rate_limited",
+    "keys_loading",
+    "store_unavailable",
 ]
 SEGMENT_BODIES = {"track", "identify", "batch", *SEGMENT_ROUTES}  # they answer Segment's with 200
 PER_REQUEST_STAGES = ("validate", "authenticate", "limit", "publish")
@@ -110,7 +130,7 @@ def _json(model: str) -> dict[str, Any]:
 def build_openapi(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a gateway running with `settings`."""
     models: list[type[BaseModel]] = [m for _, req, ok in OPERATIONS.values() for m in (req, ok)]
-    models += [ErrorBody, ForgetStatus, Health, Ready]
+    models += [ErrorBody, ForgetStatus, Health, Ready, *(m for _, m in READ_ANSWERS.values())]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = top["$defs"]
     events = schemas["BatchBody"]["properties"]["events"]
@@ -187,6 +207,32 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             },
         }
     }
+    for route in ANSWERS:
+        summary, answer = READ_ANSWERS[route]
+        paths[f"/v1/{route}"] = {
+            "get": {
+                "operationId": route,
+                "summary": summary,
+                "description": "Keys: rk_, sk_ (the key's project only). Ranges at most "
+                f"{settings.read_max_range_days} days, at most {settings.read_max_rows} rows; "
+                f"answers cached {settings.read_cache_s} s.",
+                "security": [{"bearer": []}],
+                "parameters": [
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": name in ("from", "to"),
+                        "description": PARAMETER_HELP[name],
+                        "schema": {"type": "string"},
+                    }
+                    for name in sorted(PARAMETERS[route])
+                ],
+                "responses": {
+                    "200": {"description": "The answer.", "content": _json(answer.__name__)},
+                    **_error_responses(READ_ERRORS),
+                },
+            }
+        }
     paths["/health"] = {
         "get": {
             "operationId": "health",

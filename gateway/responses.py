@@ -62,6 +62,40 @@ class ForgetStatus(_Strict):
     duration_ms: int | None = None
 
 
+class StatsBucket(_Strict):
+    """One bucket of /v1/stats: distinct events, visitors (anonymous_ids) and users."""
+
+    start: str = Field(description="The bucket's start, ISO 8601 with its UTC offset.")
+    events: int
+    visitors: int
+    users: int
+
+
+class StatsAnswer(_Strict):
+    """GET /v1/stats: buckets in time order; a bucket without events is left out."""
+
+    ok: Literal[True]
+    buckets: list[StatsBucket]
+
+
+class SourcesAnswer(_Strict):
+    """GET /v1/sources: one row per entry source (the `group_by` value names its key), most
+    sessions first."""
+
+    ok: Literal[True]
+    rows: list[dict[str, str | int | float]] = Field(
+        description="`{<group_by>: str, sessions, visitors, conversions, conversion_rate}`."
+    )
+
+
+class EventsAnswer(_Strict):
+    """GET /v1/events: a page of rows in (timestamp, event_id) order."""
+
+    ok: Literal[True]
+    events: list[dict[str, Any]]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: last.")
+
+
 class ErrorDetail(_Strict):
     """One thing wrong with the body; `index` is the event's position on /v1/batch."""
 

@@ -392,7 +392,9 @@ def parser() -> argparse.ArgumentParser:
     limits = ks.add_parser("limits", help="override a project's rate limit on one route")
     limits.add_argument("--project", required=True)
     limits.add_argument(
-        "--route", required=True, help="track, identify, batch, batch_historical, forget or hooks"
+        "--route",
+        required=True,
+        help="track, identify, batch, batch_historical, forget, hooks or read",
     )
     limits.add_argument("--rate", type=float, help="requests per second")
     limits.add_argument("--burst", type=int, help="bucket size")

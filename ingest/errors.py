@@ -117,6 +117,24 @@ ERROR_CODES: dict[str, ErrorCode] = {
         "Create one with `millimetric hooks create` and use the URL it prints.",
         "verify",
     ),
+    "publishable_key_cannot_read": ErrorCode(
+        403,
+        "pk_ keys are publishable (they sit in web pages) and cannot read.",
+        "Read with an rk_ (read-only) or sk_ key, from a server.",
+        "authenticate",
+    ),
+    "invalid_parameter": ErrorCode(
+        400,
+        "A query parameter is missing, malformed or out of range.",
+        "Check `details`: each entry names the parameter and what is wrong.",
+        "read",
+    ),
+    "store_unavailable": ErrorCode(
+        503,
+        "ClickHouse did not answer the read (down, not serving yet, or too slow).",
+        "Retry after `Retry-After` seconds; narrow the range if it keeps timing out.",
+        "read",
+    ),
     "forget_requires_secret_key": ErrorCode(
         403, "/v1/forget needs an sk_ key.", "Call it server-side with an sk_ key.", "authenticate"
     ),

@@ -311,6 +311,29 @@ class Settings(BaseSettings):
     key: SecretStr | None = Field(
         None, description="The sk_ API key the `backfill` command sends with."
     )
+    read_max_range_days: int = Field(
+        93,
+        ge=1,
+        description="Longest `from`..`to` range the read API (/v1/stats, /v1/sources, "
+        "/v1/events) answers; a longer one is a 400 naming `to`.",
+    )
+    read_max_rows: int = Field(
+        1000,
+        ge=1,
+        description="Most rows one read API answer holds: /v1/events' largest `limit`, and "
+        "the top /v1/sources rows by sessions.",
+    )
+    read_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds a read API answer is reused for the same project and parameters "
+        "(0: no cache).",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a read API query may run in ClickHouse before the answer is a 503.",
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     @model_validator(mode="before")

@@ -29,6 +29,7 @@ from gateway.key_admin import create_key, revoke_key, set_project_limit
 from gateway.models import ForgetBody, IdentifyBody, SegmentMessage, TrackBody
 from gateway.openapi import OPERATIONS, build_openapi, route_errors
 from gateway.rate_limit import Limit, load_default_limits
+from gateway.read_api import ANSWERS
 from gateway.responses import BatchAccepted, ErrorBody, ForgetAccepted, TrackAccepted
 from gateway.validate import new_id
 from ingest.dev import free_port
@@ -290,6 +291,8 @@ OTHER_ROWS |= {
     "overloaded",
     "too_many_invalid_requests",
 }  # test_gateway_hardening.py
+# The read API's rows: tested against a running pipeline in test_read_api.py.
+OTHER_ROWS |= {"publishable_key_cannot_read", "invalid_parameter", "store_unavailable"}
 # The webhook rows: tested against a running pipeline in test_hooks.py.
 OTHER_ROWS |= {"invalid_signature", "stale_timestamp", "unknown_hook"}
 
@@ -619,6 +622,7 @@ async def test_openapi_is_generated_from_the_models_and_the_table(gw: Gw) -> Non
     assert {p for p in doc["paths"] if p.startswith("/v1/")} == {f"/v1/{r}" for r in ROUTES} | {
         "/v1/forget/{forget_id}",
         "/v1/hooks/{hook_id}",
+        *(f"/v1/{r}" for r in ANSWERS),
     }
     schemas = doc["components"]["schemas"]
     for model in (TrackBody, IdentifyBody, ForgetBody):

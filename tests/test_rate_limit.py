@@ -347,7 +347,15 @@ def test_default_limits_load() -> None:
     limits = load_default_limits()
     assert limits["track"] == Limit(50.0, 200)
     assert limits["batch"] == Limit(5.0, 20)
-    assert set(limits) == {"track", "batch", "identify", "forget", "hooks", "batch_historical"}
+    assert set(limits) == {
+        "track",
+        "batch",
+        "identify",
+        "forget",
+        "hooks",
+        "batch_historical",
+        "read",
+    }
 
 
 @pytest.mark.parametrize(
