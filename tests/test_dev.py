@@ -152,7 +152,7 @@ def test_kill_9_of_the_whole_dev_loses_and_doubles_nothing(dev: Dev) -> None:
     assert (final, distinct) == (ACCEPTED, ACCEPTED), dev.output()
     # A batch the sink inserted but had not committed when killed is inserted again: the
     # table collapses those repeats when its parts merge (FINAL reads as if they had).
-    dev.cli("sql", "OPTIMIZE TABLE events FINAL")
+    dev.cli("sql", "--write", "OPTIMIZE TABLE events FINAL")
     assert dev.counts() == (ACCEPTED, ACCEPTED, ACCEPTED)
 
 
