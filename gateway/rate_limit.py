@@ -322,6 +322,8 @@ class RedisRateLimiter:
 
 
 def _route_label(name: str) -> str:
+    if name == "read":  # one bucket for the read API's routes
+        return "`GET /v1/stats`, `/v1/sources`, `/v1/events`"
     if name.endswith("_historical"):
         return f"`/v1/{name.removesuffix('_historical')}`, historical lane"
     return f"`/v1/{name}`"
