@@ -173,7 +173,8 @@ def test_a_failing_forget_is_retried_with_its_reason_and_blocks_no_other(sink: P
     assert answer["status"] == "pending" and "code 60" in str(answer["reason"]), answer
     sink.sql(
         "CREATE TABLE suppressions (project String, kind String, id String, forget_id String, "
-        "since_ms UInt64) ENGINE = ReplacingMergeTree ORDER BY (project, kind, id)"
+        "since_ms UInt64) ENGINE = ReplacingMergeTree ORDER BY (project, kind, id)",
+        write=True,
     )
     assert wait_done(sink, failing["forget_id"])["events_deleted"] == 1
 
