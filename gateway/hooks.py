@@ -88,6 +88,7 @@ class HookEndpoint:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.limit = gateway.settings.hook_max_bytes
+        self.body_timeout_s = gateway.settings.body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
@@ -129,7 +130,7 @@ class HookEndpoint:
         self, hook: HookRecord, headers: dict[str, str], receive: Receive
     ) -> WebhookDelivery:
         scheme = SCHEMES[hook["provider"]]
-        raw = await read_body(headers, receive, self.limit)
+        raw = await read_body(headers, receive, self.limit, self.body_timeout_s)
         raw = decode_body(headers.get("content-encoding"), raw, self.limit)
         # Verified before parsing: a forged body is never read as JSON.
         signed_id = lookup(scheme.delivery_id, headers, None) or ""
