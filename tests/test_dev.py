@@ -92,12 +92,19 @@ class Dev:
                 }
                 for i in range(BATCH)
             ]
-            r = httpx.post(
-                f"http://127.0.0.1:{self.port}/v1/batch",
-                json={"events": events},
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=60,
-            )
+            # A 503 (the broker slow to ack on a loaded machine) accepted nothing: send the same
+            # batch again after its Retry-After, as a client does; anything else must be 202.
+            deadline = time.monotonic() + 120
+            while True:
+                r = httpx.post(
+                    f"http://127.0.0.1:{self.port}/v1/batch",
+                    json={"events": events},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=60,
+                )
+                if r.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(float(r.headers.get("Retry-After", "1")))
             assert r.status_code == 202, r.text
 
     def counts(self) -> tuple[int, int, int]:
