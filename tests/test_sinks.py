@@ -288,7 +288,7 @@ def test_clickhouse_outage_under_load(
         try:
             produce(fresh_broker, [enriched(i) for i in range(1000, 3000)])
             # The sink retries its insert against the stopped server (the shared policy's log).
-            wait_log(log, "sink_insert failed (attempt 2", timeout=90)
+            wait_log(log, "clickhouse_insert failed (attempt 2", timeout=90)
         finally:  # the session's server, whatever happens
             ch_server.start()
         produce(fresh_broker, [enriched(i) for i in range(3000, 4000)])
