@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.auth import AuthError, KeyStore
 from gateway.client_context import ClientContext
 from gateway.endpoints import ROUTES, IngestEndpoint
+from gateway.header_timeout import with_header_timeout
 from gateway.hooks import HookEndpoint, HookTable
 from gateway.openapi import build_openapi
 from gateway.publish import Publisher
@@ -226,14 +227,14 @@ def build_app(settings: Settings, bootstrap: str) -> GatewayApp:
 
 
 def run(settings: Settings, bootstrap: str) -> None:
-    """Serve the gateway until SIGINT/SIGTERM (uvloop + httptools)."""
+    """Serve the gateway until SIGINT/SIGTERM (uvloop + httptools, headers timed)."""
     serve("gateway", settings.gateway_metrics_port, settings.metrics_host)
     uvicorn.run(
         RequestMetrics(build_app(settings, bootstrap)),
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop",
-        http="httptools",
+        http=with_header_timeout(settings.header_timeout_s),
         log_level=settings.log_level.lower(),
         log_config=dict_config(settings.log_level),
         access_log=False,

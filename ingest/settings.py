@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(
         5.0, description="How long the gateway waits for the broker's ack before answering 503."
     )
+    header_timeout_s: float = Field(
+        10.0,
+        description="Longest a connection may take to send a request's headers, from its "
+        "opening or the request's first byte; a slower client is disconnected without an "
+        "answer (nginx's `client_header_timeout`; uvicorn alone has no such bound).",
+    )
     body_timeout_s: float = Field(
         10.0,
         description="Longest the gateway waits for a request's whole body; a slower client is "

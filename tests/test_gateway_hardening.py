@@ -1,5 +1,6 @@
 """Gateway hardening against the real broker: keys still loading answer 503 (never a final 401),
-slow bodies are cut, requests in flight are bounded, and invalid requests cost a token.
+slow headers and bodies are cut, requests in flight are bounded, and invalid requests cost a
+token.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import time
 import uuid
@@ -129,6 +131,42 @@ def test_slow_bodies_are_cut_and_requests_in_flight_are_bounded(
             s.close()
             assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
         assert gw.track(key).status_code == 202  # the slots are free again
+    finally:
+        gw.stage.stop()
+
+
+def _closed_by_server(s: socket.socket, wait_s: float) -> bool:
+    """Whether the server closed `s` (end of stream or reset) within `wait_s`."""
+    readable, _, _ = select.select([s], [], [], wait_s)
+    if not readable:
+        return False
+    try:
+        return s.recv(1) == b""
+    except OSError:
+        return True
+
+
+def test_headers_trickled_a_byte_at_a_time_are_cut(broker: str, tmp_path: Path) -> None:
+    gw = GatewayProcess(broker, tmp_path, header_timeout_s="1").start()
+    try:
+        gw.wait_ready()
+        idle = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        slow = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        # Headers that never end, one byte every 0.1 s: uvicorn alone would wait forever.
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        started = time.monotonic()
+        cut = False
+        for byte in request:
+            with contextlib.suppress(OSError):
+                slow.sendall(bytes([byte]))
+            if cut := _closed_by_server(slow, 0.1):
+                break
+            assert time.monotonic() - started < 30, "the trickled headers were not cut"
+        assert cut
+        assert _closed_by_server(idle, 10), "a connection that sends nothing was kept"
+        for s in (idle, slow):
+            s.close()
+        assert httpx.get(f"{gw.url}/health", timeout=10).status_code == 200
     finally:
         gw.stage.stop()
 
