@@ -19,7 +19,7 @@ from ingest.topics import topic
 # stage -> (its consumer group, the topics it consumes that carry accepted events). The group
 # names are those the stages use (the Faust app id, sinks/app.py's GROUP_ID).
 CONSUMERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "processor": ("millimetric-processor", ("raw", "forgets")),
+    "processor": ("millimetric-processor", ("raw", "forgets", "identities")),
     "sink": ("millimetric-sink", ("enriched",)),
 }
 

@@ -77,8 +77,9 @@ TOPICS: dict[str, Topic] = {
         12,
         False,
         30 * DAY_MS,
-        "anonymous_id -> user_id links as the processor learns them, re-keyed by user so the "
-        "forget agent (co-partitioned with forgets) knows every device of a user.",
+        "anonymous_id -> user_id links as the processor learns them, re-keyed by user, and "
+        "the processor's copy of each forget, behind them: a forget meets every device linked "
+        "before it.",
     ),
     "erasures": Topic(
         "millimetric.erasures",

@@ -11,7 +11,10 @@ Dead letters carry no client IP (processors/dead_letters.py).
 State lives in changelog-backed Faust tables, each co-partitioned with the topic its agent reads:
 - `identities` (raw topic's key `project:anonymous_id` -> user_id): fills user_id in later events;
 - `user_devices` (`project:user_id` -> anonymous_ids), fed through the identities topic, which
-  re-keys links by user: the forget agent reads the forgets topic, keyed the same way.
+  re-keys links by user. A forget is resolved on that topic too: the forget agent only appends
+  the request to the user's identities partition, so the devices agent meets it after every
+  link published before it (two topics have no order between them: a forget read from the
+  forgets topic could be handled before links its consumer had not fetched yet).
 A forget fans out as control records on the raw topic, one per anonymous_id, so the agent that
 owns each visitor's state drops it (a tombstone on the changelog) in order with their events;
 an identify past the devices-per-user cap is undone the same way (an `unlink` control).
@@ -347,7 +350,11 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     async def remember_devices(stream: faust.StreamT[bytes]) -> None:
         cap = settings.processor_max_devices_per_user
         async for event in stream.events():
-            link: IdentityLink = decode(event.value)
+            record = decode(event.value)
+            if "forget_id" in record:  # put here by the forget agent, which checked it
+                await resolve_forget(event.key, event.value)
+                continue
+            link: IdentityLink = record
             project, anonymous_id = link["project"], link["anonymous_id"]
             devices = set(decode(user_devices.get(event.key) or b"[]"))
             if anonymous_id in devices:
@@ -374,26 +381,43 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     async def forget(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             try:
-                request: ForgetRequest = decode(event.value)
-                project, user_id = request["project"], request["user_id"]
-                devices = {request["anonymous_id"]} - {None}
-                if user_id is not None:
-                    devices.update(decode(user_devices.pop(event.key, None) or b"[]"))
-                erasure: Erasure = {
-                    "v": 1,
-                    "forget_id": request["forget_id"],
-                    "project": project,
-                    "user_id": user_id,
-                    "anonymous_ids": sorted(devices),  # type: ignore[arg-type]
-                    "cutoff": request["received_at"],
-                    "suppress": request["suppress"],
-                    "requested_at": request["received_at"],
-                }
-            except (ValueError, KeyError, TypeError) as error:  # not a forget: nothing to retry
+                request = decode(event.value)
+                if not isinstance(request, dict) or "forget_id" not in request:
+                    raise TypeError("not a forget request")
+            except (ValueError, TypeError) as error:  # not a forget: nothing to retry
                 await dead_letter(event.value, error)
                 continue
-            # A broker hiccup must not drop a forget (the event is acked after this body).
-            await retrying("forget publish", partial(publish_forget, event.key, erasure))
+            # Same key as the user's links: behind them on the same partition, delivered before
+            # this event is acked.
+            await retrying("forget forward", partial(send_delivered, links_topic, event))
+
+    async def send_delivered(topic: Any, event: Any) -> None:
+        """Append `event` to `topic` under its key, delivered, not only queued."""
+        await (await topic.send(key=event.key, value=event.value))
+
+    async def resolve_forget(key: bytes, value: bytes) -> None:
+        """A forget met on the links topic: every device linked before it, erased."""
+        try:
+            request: ForgetRequest = decode(value)
+            project, user_id = request["project"], request["user_id"]
+            devices = {request["anonymous_id"]} - {None}
+            if user_id is not None:
+                devices.update(decode(user_devices.pop(key, None) or b"[]"))
+            erasure: Erasure = {
+                "v": 1,
+                "forget_id": request["forget_id"],
+                "project": project,
+                "user_id": user_id,
+                "anonymous_ids": sorted(devices),  # type: ignore[arg-type]
+                "cutoff": request["received_at"],
+                "suppress": request["suppress"],
+                "requested_at": request["received_at"],
+            }
+        except (KeyError, TypeError) as error:  # not a whole forget: nothing to retry
+            await dead_letter(value, error)
+            return
+        # A broker hiccup must not drop a forget (the event is acked after this returns).
+        await retrying("forget publish", partial(publish_forget, key, erasure))
 
     async def publish_forget(key: bytes, erasure: Erasure) -> None:
         """The control records (one per device) and the erasure, delivered, not only queued."""
