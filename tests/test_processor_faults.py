@@ -1,5 +1,6 @@
 """The processor as a process against the real broker: records it cannot forward, dead letters,
-identity links it cannot publish, the devices-per-user cap, and its tables across a restart.
+identity links it cannot publish, the devices-per-user cap, its tables across a restart, and
+forgets published through a broker outage.
 
 Raw records are produced straight onto the raw topic (as a foreign or buggy writer could), one
 producer batch per step under test, so the processor takes them as one step."""
@@ -7,6 +8,7 @@ producer batch per step under test, so the processor takes them as one step."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,10 +19,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.services import Proc, stage, stage_env
-from ingest.dev import EmbeddedBroker
+from ingest.dev import EmbeddedBroker, free_port
 from ingest.partitioner import partition_for
 from ingest.records import decode, encode
 from ingest.topics import ensure_topics, topic
+from tests.test_batch_publisher import CuttableLink
 
 RAW, ENRICHED, DEAD = topic("raw"), topic("enriched"), topic("dead_letter")
 IP = "198.51.100.23"
@@ -324,3 +327,63 @@ async def produce_many(bootstrap: str, events: list[dict[str, Any]]) -> None:
         await asyncio.gather(*sent)
     finally:
         await producer.stop()
+
+
+async def _forgets_across_an_outage(broker: EmbeddedBroker, link: CuttableLink, root: Path) -> str:
+    """Forgets of unknown users (no table writes: only the forward and the erasure are sent),
+    and the processor's link to the broker cut while it publishes them; its log."""
+    await link.start()
+    bootstrap = broker.bootstrap
+    await ensure_topics(bootstrap)
+    # Faust's producer waits this long for an ack before failing a send (20 min by default).
+    env = stage_env(bootstrap, root, PRODUCER_REQUEST_TIMEOUT="2")
+    proc = stage("processor", env, root).start()
+    try:
+        now = int(time.time() * 1000)
+        forgets = [
+            {"v": 1, "forget_id": uuid.uuid4().hex, "project": "demo", "user_id": f"u{i}",
+             "anonymous_id": None, "suppress": False, "received_at": now}
+            for i in range(150)
+        ]  # fmt: skip
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            for forget in forgets:
+                key = f"demo:{forget['user_id']}".encode()
+                await producer.send(topic("forgets").name, encode(forget), key=key)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        wanted = {forget["forget_id"] for forget in forgets}
+
+        def resolved(records: list[dict[str, Any]]) -> set[str]:
+            return wanted & {r["forget_id"] for r in records}
+
+        # Cut once the first erasure is out: the rest are being forwarded and published.
+        first = await wait_for(bootstrap, topic("erasures").name, lambda rs: bool(resolved(rs)))
+        assert len(resolved(first)) < len(wanted), "all were published before the cut"
+        link.cut()
+        await asyncio.sleep(6)  # past the producer's 2 s: its sends fail
+        link.restore()
+        await wait_for(bootstrap, topic("erasures").name, lambda rs: resolved(rs) == wanted, 120)
+    finally:
+        proc.stop()
+        await link.close()
+    return (root / "processor.log").read_text()
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("MILLIMETRIC_TEST_KAFKA")), reason="runs its own broker behind a link"
+)
+def test_forgets_published_during_a_broker_outage_are_retried_until_done(tmp_path: Path) -> None:
+    """A forget whose forward or erasure the broker fails is published again once it is back,
+    never dropped (Faust acks the forget when the agent's body raises)."""
+    broker_port, link_port = free_port(), free_port()
+    broker = EmbeddedBroker(broker_port, advertised_port=link_port).start()
+    try:
+        log = asyncio.run(
+            _forgets_across_an_outage(broker, CuttableLink(link_port, broker_port), tmp_path)
+        )
+    finally:
+        broker.stop()
+    assert "forget forward failed" in log or "forget publish failed" in log  # a retry happened
