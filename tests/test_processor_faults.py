@@ -252,10 +252,7 @@ def test_devices_per_user_stop_at_the_cap(capped: Processor) -> None:
     user = {r["anonymous_id"]: r["user_id"] for r in enriched if r["event_id"] in wanted}
     assert user == {"cap-2": "carla", "cap-3": ""}
     # A forget of the user finds exactly the devices the processor still stitches.
-    forget = {
-        "v": 1, "forget_id": uuid.uuid4().hex, "project": "demo", "user_id": "carla",
-        "anonymous_id": None, "suppress": False, "received_at": int(time.time() * 1000),
-    }  # fmt: skip
+    forget = forget_of("carla")
     capped.run(produce_to(bootstrap, "forgets", b"demo:carla", encode(forget)))
     erasures = capped.run(
         wait_for(bootstrap, topic("erasures").name, lambda rs: forget["forget_id"] in str(rs))
@@ -263,6 +260,52 @@ def test_devices_per_user_stop_at_the_cap(capped: Processor) -> None:
     erasure = next(r for r in erasures if r["forget_id"] == forget["forget_id"])
     assert erasure["anonymous_ids"] == ["cap-1", "cap-2"]
     assert "(the cap): unlinking one" in capped.log()
+
+
+def forget_of(user_id: str) -> dict[str, Any]:
+    """A forget request of `user_id`, as the gateway puts it on the forgets topic."""
+    return {
+        "v": 1, "forget_id": uuid.uuid4().hex, "project": "demo", "user_id": user_id,
+        "anonymous_id": None, "suppress": False, "received_at": int(time.time() * 1000),
+    }  # fmt: skip
+
+
+def test_a_forget_just_after_an_identify_finds_its_device(processor: Processor) -> None:
+    """The identifies are processed (their enriched records are out, so their links are on the
+    broker) before the forgets are sent: every erasure must name the user's device, however
+    soon after its link the forget comes (read from another topic, it could come first)."""
+    bootstrap = processor.broker.bootstrap
+    users = [f"quick-{uuid.uuid4().hex[:8]}-{i}" for i in range(6)]
+    identifies = [
+        raw_event(f"{user}-dev", type="identify", event="$identify", user_id=user) for user in users
+    ]
+    for identify in identifies:
+        processor.run(produce(bootstrap, identify["anonymous_id"], [encode(identify)]))
+    wanted = {identify["event_id"] for identify in identifies}
+    processor.run(wait_for(bootstrap, ENRICHED.name, lambda rs: wanted <= ids(rs)))
+    forgets = {user: forget_of(user) for user in users}
+
+    async def send_forgets() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            for user, forget in forgets.items():
+                name, key = topic("forgets").name, f"demo:{user}".encode()
+                await producer.send(name, encode(forget), key=key)
+        finally:
+            await producer.stop()
+
+    processor.run(send_forgets())
+    forget_ids = {forget["forget_id"] for forget in forgets.values()}
+    erasures = processor.run(
+        wait_for(
+            bootstrap,
+            topic("erasures").name,
+            lambda rs: forget_ids <= {r.get("forget_id") for r in rs},
+        )
+    )
+    devices = {r["user_id"]: r["anonymous_ids"] for r in erasures if r["forget_id"] in forget_ids}
+    assert devices == {user: [f"{user}-dev"] for user in users}
 
 
 async def produce_to(bootstrap: str, role: str, record_key: bytes, value: bytes) -> None:
