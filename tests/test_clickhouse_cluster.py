@@ -30,7 +30,10 @@ def test_every_migration_statement_has_a_cluster_form(version: tuple[int, int]) 
     rendered = [LEDGER] + [s for _, _, t in migrations() for s in statements(t, features)]
     for sql in rendered:
         forms = cluster_statements(sql, "c", "db")
-        assert all(" ON CLUSTER c " in f"{form} " for form in forms), sql
+        # A copy runs once, through the Distributed tables; everything else on every replica.
+        assert all(
+            " ON CLUSTER c " in f"{form} " or form.startswith("INSERT INTO ") for form in forms
+        ), sql
     events = cluster_statements(rendered[1], "c", "db")
     assert events[0].startswith("CREATE TABLE IF NOT EXISTS db.events_local ON CLUSTER c (")
     assert (
@@ -42,6 +45,23 @@ def test_every_migration_statement_has_a_cluster_form(version: tuple[int, int]) 
     )
     with pytest.raises(ValueError):
         cluster_statements("DROP TABLE events", "c", "db")
+
+
+def test_a_rename_renames_the_local_tables_and_recreates_the_distributed_ones() -> None:
+    assert cluster_statements("RENAME TABLE events TO old, new TO events", "c", "db") == [
+        "RENAME TABLE db.events_local TO db.old_local, db.new_local TO db.events_local "
+        "ON CLUSTER c",
+        "DROP TABLE IF EXISTS db.events ON CLUSTER c",
+        "DROP TABLE IF EXISTS db.new ON CLUSTER c",
+        "CREATE TABLE IF NOT EXISTS db.old ON CLUSTER c AS db.old_local "
+        "ENGINE = Distributed(c, db, old_local, rand())",
+        "CREATE TABLE IF NOT EXISTS db.events ON CLUSTER c AS db.events_local "
+        "ENGINE = Distributed(c, db, events_local, cityHash64(project, anonymous_id))",
+    ]
+    assert cluster_statements("DROP TABLE IF EXISTS daily_rollup_mv", "c", "db") == [
+        "DROP TABLE IF EXISTS db.daily_rollup_mv ON CLUSTER c",
+        "DROP TABLE IF EXISTS db.daily_rollup_mv_local ON CLUSTER c",
+    ]
 
 
 def test_mutations_become_cluster_mutations_on_the_local_tables() -> None:
