@@ -239,7 +239,7 @@ async def replay(settings: Settings, bootstrap: str, window: Window) -> Outcome:
         publisher = StepPublisher(
             producer, settings.processor_max_record_bytes, enriched, links, dead
         )
-        total = sum(max(0, ends[tp] - await consumer.position(tp)) for tp in tps)
+        total = sum(max(0, ends[tp] - (starts[tp] or 0)) for tp in tps)
         progress = Progress("replay", total, 0, "records")
 
         def refused(index: int, error: Exception) -> None:

@@ -113,6 +113,7 @@ def test_event_versions_keep_the_rows_and_aggregates_and_resume_after_the_rename
     assert ch.query_tsv("SELECT event_id, version FROM events") == "old\t0\n"
     # The copy fed no aggregate twice; a replayed row (higher version) replaces the old one.
     ch.execute(insert.format("old", "bing").replace("source)", "source, version)") + ", 7")
+    ch.execute(insert.format("old", "google"))  # the live row redelivered later: version 0
     assert ch.query_tsv("SELECT source, version FROM events FINAL") == "bing\t7\n"
     rollup = (
         "SELECT source, uniqExactMerge(events) FROM daily_rollup GROUP BY source ORDER BY source"
