@@ -90,11 +90,14 @@ def rebuild(ch: ClickHouse, project: str, days: Iterable[str], timeout_s: float 
     on_days = f"project = {quote(project)} AND toDate(timestamp) IN ({dates})"
     touched = f"SELECT session_id FROM events WHERE {on_days}"
     sessions = f"project = {quote(project)} AND session_id IN ({touched})"
+    # Read through Distributed tables, the subquery must run once, its result sent to the shards.
+    in_ = "GLOBAL IN" if ch.cluster else "IN"
+    insert_sessions = f"project = {quote(project)} AND session_id {in_} ({touched})"
     _run(
         ch, f"ALTER TABLE daily_rollup DELETE WHERE project = {quote(project)} AND day IN ({dates})"
     )
     _run(ch, f"ALTER TABLE sessions DELETE WHERE {sessions}")
     _wait_for_mutations(ch, timeout_s)
-    for view, where in (("daily_rollup_mv", on_days), ("sessions_mv", sessions)):
+    for view, where in (("daily_rollup_mv", on_days), ("sessions_mv", insert_sessions)):
         table, columns, select = view_query(view, ch)
         ch.execute(f"INSERT INTO {table} ({', '.join(columns)}) {_filtered(select, where)}")

@@ -17,6 +17,7 @@ from sinks.clickhouse import Features, ServerClickHouse
 from sinks.cluster import cluster_statements, pending_mutations
 from sinks.erasure import ErasureExecutor
 from sinks.migrate import LEDGER, migrations, statements
+from sinks.rollup_rebuild import rebuild
 from tests.clickhouse_cluster import CLUSTER, clickhouse_cluster
 from tests.test_sinks import enriched, produce
 
@@ -204,3 +205,29 @@ def test_two_shards_keep_a_repeated_event_on_one_shard(fresh_broker: str, tmp_pa
         shards = [int(_on(s, "SELECT count() FROM events_local FINAL")) for s in cluster.replicas]
         assert all(shards) and sum(shards) == 1012
         assert int(_on(first, "SELECT count() FROM events WHERE event_id = 'e1011'")) == 1
+
+        # A replayed row (a higher version, another channel) replaces its first copy, and the
+        # rebuild of its day counts it once, in its new group only.
+        ch = ServerClickHouse(first.url(DATABASE), CLUSTER)
+        try:
+            columns = "project, event_id, event, timestamp, received_at, anonymous_id, session_id"
+            ch.execute(
+                f"INSERT INTO events ({columns}, channel, version) "
+                f"SELECT {columns}, 'Email', 9 FROM events WHERE event_id = 'e7'"
+            )
+            day = ch.query_tsv(
+                "SELECT toString(toDate(timestamp)) FROM events WHERE event_id = 'e7'"
+            )
+            rebuild(ch, "demo", {day.split()[0]})
+            rollup = (
+                "SELECT channel, sum(c) FROM (SELECT channel, uniqExactMerge(events) AS c "
+                "FROM daily_rollup GROUP BY project, day, event, source, medium, channel) "
+                "GROUP BY channel ORDER BY channel"
+            )
+            by_channel = (
+                "SELECT channel, count() FROM events FINAL GROUP BY channel ORDER BY channel"
+            )
+            assert ch.query_tsv(rollup) == ch.query_tsv(by_channel)
+            assert "Email\t1\n" in ch.query_tsv(rollup)
+        finally:
+            ch.close()
