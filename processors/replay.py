@@ -105,16 +105,25 @@ class Replayer:
         project = self._window.project
         for key, value in records:
             try:
-                for record in raw_records(value):
-                    if project is not None and record.get("project") != project:
-                        continue
-                    enriched = self._enrich(key, record)
-                    if enriched is not None:
-                        out.append((key, encode(enriched)))
+                decoded = raw_records(value)
             except Exception as error:  # the live agent dead-lettered it already
-                self.outcome.failed += 1
-                log.warning("replay: a raw record failed again: %r", error)
+                self._failed(error)
+                continue
+            for record in decoded:
+                if project is not None and record.get("project") != project:
+                    continue
+                try:
+                    enriched = self._enrich(key, record)
+                except Exception as error:  # as above: one bad record, the rest flows on
+                    self._failed(error)
+                    continue
+                if enriched is not None:
+                    out.append((key, encode(enriched)))
         return out
+
+    def _failed(self, error: Exception) -> None:
+        self.outcome.failed += 1
+        log.warning("replay: a raw record failed again: %r", error)
 
     def _enrich(self, key: bytes, record: dict[str, Any]) -> dict[str, Any] | None:
         kind = record.get("type")

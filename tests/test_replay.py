@@ -127,6 +127,7 @@ def test_the_same_raw_records_give_the_same_rows_and_no_identity_link() -> None:
     window = Window(0, None, "demo")
     records = [
         (b"demo:a", encode(raw(type="identify", event_id="i", anonymous_id="a", user_id="u"))),
+        (b"demo:x", b"not json"),  # dead-lettered live: fails again, the rest flows on
         (b"demo:a", encode(raw(event_id="t1", anonymous_id="a"))),
         (b"demo:a", encode({"v": 1, "type": "forget", "project": "demo", "anonymous_id": "a"})),
         (b"demo:a", encode(raw(event_id="t2", anonymous_id="a"))),
@@ -136,7 +137,9 @@ def test_the_same_raw_records_give_the_same_rows_and_no_identity_link() -> None:
     def derive(version: int) -> list[dict[str, Any]]:
         enricher = Enricher(b"salt", 30, Classifier(), UserAgentParser(), CountryLookup(None))
         replayer = Replayer(enricher, settings, window, version)
-        return [decode(value) for _, value in replayer.step(records)]
+        rows = [decode(value) for _, value in replayer.step(records)]
+        assert replayer.outcome.failed == 1
+        return rows
 
     first, second = derive(1), derive(2)
     assert [r.pop("version") for r in first] == [1, 1, 1]
