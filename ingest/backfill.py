@@ -20,12 +20,12 @@ import json
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ingest.progress import Progress
 from millimetric.delivery import Delivery
 from millimetric.messages import Message
 from millimetric.transport import Transport
@@ -33,7 +33,6 @@ from millimetric.transport import Transport
 HISTORICAL_HEADER = "X-Millimetric-Lane"  # value "historical": see gateway/rate_limit.py
 # the lines to blame (a 413 reaches here only for a single event: larger batches are split)
 LINE_REJECTS = frozenset({"invalid_payload", "invalid_json", "unserializable", "payload_too_large"})
-PLAIN_PROGRESS_S = 5.0  # a line this often when stderr is not a terminal
 
 
 class BackfillAborted(Exception):
@@ -178,44 +177,6 @@ def _save_checkpoint(path: Path, lines: int) -> None:
     os.replace(temp, target)  # a kill mid-write leaves the previous checkpoint whole
 
 
-class Progress:
-    """A tqdm bar on a terminal (events/s, ETA); otherwise a plain line every few seconds."""
-
-    def __init__(self, path: Path, total: int, done: int) -> None:
-        self.path, self.total, self.done = path, total, done
-        self.started = time.monotonic()
-        self.first = done
-        self.next_line = self.started + PLAIN_PROGRESS_S
-        self.bar: Any = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, desc=path.name, unit=" lines")
-
-    def advance(self, lines: int) -> None:
-        """`lines` more are settled."""
-        self.done += lines
-        if self.bar is not None:
-            self.bar.update(lines)
-            return
-        now = time.monotonic()
-        if now >= self.next_line or self.done >= self.total:
-            self.next_line = now + PLAIN_PROGRESS_S
-            rate = (self.done - self.first) / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            print(
-                f"{self.path.name}: {self.done}/{self.total} lines, {rate:.0f} lines/s, "
-                f"ETA {eta:.0f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        """Finish the bar."""
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Backfill:
     """Sends files through one connection to the gateway."""
 
@@ -233,7 +194,7 @@ class Backfill:
         summary = Summary(path)
         done = _load_checkpoint(path)
         summary.skipped = done
-        progress = Progress(path, count_lines(path), done)
+        progress = Progress(path.name, count_lines(path), done)
         try:
             batch: list[Line] = []
             for line in read_lines(path):

@@ -12,6 +12,7 @@ millimetric status [--json|--watch] the pipeline's health, from the stages' metr
 millimetric bench [--quick]          every stage's throughput beside a same-run baseline
 millimetric backfill FILE...         import history (NDJSON/CSV, .gz/.zst) through /v1/batch
 millimetric dead-letters list|replay what stages dead-lettered and why; send them back
+millimetric replay --since TIME      re-derive a window of the raw topic (after a rule fix)
 """
 
 from __future__ import annotations
@@ -344,6 +345,66 @@ def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     return replay(bootstrap, settings.data_dir, args.reason, args.wait)
 
 
+def _instant(text: str, flag: str) -> int:
+    """Epoch ms of an ISO 8601 time (UTC when it names no zone)."""
+    from ingest.iso_time import epoch_ms
+
+    try:
+        return epoch_ms(text)
+    except ValueError:
+        sys.exit(f"millimetric replay: {flag} {text!r} is not an ISO 8601 time")
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from processors.replay import Window, replay, wait_for_sink
+
+    since = _instant(args.since, "--since")
+    until = _instant(args.until, "--until") if args.until else None
+    if until is not None and until <= since:
+        sys.exit("millimetric replay: --until must be later than --since")
+    bootstrap = _bootstrap(settings)
+    window = Window(since, until, args.project)
+    outcome = asyncio.run(replay(settings, bootstrap, window))
+    print(
+        f"replayed {outcome.events} events (version {outcome.version}), "
+        f"{outcome.failed} failed again (dead-lettered before: see `millimetric dead-letters`)"
+    )
+    print("waiting for the sinks to store them...", file=sys.stderr)
+    if not asyncio.run(wait_for_sink(bootstrap, settings, args.wait)):
+        sys.exit(
+            f"millimetric replay: the sinks did not store the replayed rows within {args.wait:g}s;"
+            " daily_rollup and sessions are not rebuilt yet: run the same replay again"
+        )
+    days = _rebuild_rollups(settings, (since, until, args.project), outcome.days)
+    print(f"rebuilt daily_rollup and sessions for {days} project-days")
+    return 1 if outcome.failed else 0
+
+
+def _rebuild_rollups(
+    settings: Settings, window: tuple[int, int | None, str | None], replayed: dict[str, set[str]]
+) -> int:
+    """Rebuild the aggregates of the days the window's (since ms, until ms, project) events fall
+    on; returns how many project-days."""
+    from sinks.clickhouse import ClickHouse, open_configured
+    from sinks.rollup_rebuild import rebuild, received_days
+    from sinks.sql_endpoint import EndpointClickHouse
+
+    ch: ClickHouse | None = None
+    if settings.clickhouse_url is None:
+        with contextlib.suppress(OSError):  # a running sink holds the embedded store
+            ch = EndpointClickHouse(settings.data_dir)
+    ch = ch or open_configured(settings)
+    try:
+        days = received_days(ch, *window)
+        for project, dates in replayed.items():
+            days.setdefault(project, set()).update(dates)
+        for project, dates in days.items():
+            rebuild(ch, project, dates)
+        return sum(map(len, days.values()))
+    finally:
+        ch.close()
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
@@ -478,6 +539,17 @@ def parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=20.0, help="seconds to watch for letters failing again"
     )
     dead.set_defaults(run=cmd_dead_letters)
+
+    rp = sub.add_parser(
+        "replay", help="re-derive a window of the raw topic; the new rows replace the old"
+    )
+    rp.add_argument("--since", required=True, help="ISO 8601 time (UTC unless it says)")
+    rp.add_argument("--until", help="ISO 8601 time; default: the raw topic's end")
+    rp.add_argument("--project", help="only this project's events")
+    rp.add_argument(
+        "--wait", type=float, default=600.0, help="seconds to wait for the sinks to store them"
+    )
+    rp.set_defaults(run=cmd_replay)
     return p
 
 

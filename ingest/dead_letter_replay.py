@@ -29,6 +29,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ingest.iso_time import epoch_ms
 from ingest.records import decode, encode, record_key
 from ingest.topics import ensure_topics, topic
 
@@ -143,12 +144,9 @@ def _since_ms(since: str | None) -> int:
     if since is None:
         return 0
     try:
-        moment = datetime.fromisoformat(since)
+        return epoch_ms(since)
     except ValueError:
         sys.exit(f"millimetric dead-letters: --since {since!r} is not an ISO 8601 time")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
 
 
 def _matches(letter: Letter, reason: str | None, since_ms: int) -> bool:

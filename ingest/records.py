@@ -78,6 +78,7 @@ class EnrichedEvent(TypedDict):
     os: str
     is_bot: bool
     ip_hash: str
+    version: NotRequired[int]  # set by `millimetric replay` (its start, ms); none: 0, live
 
 
 class ForgetRequest(TypedDict):
@@ -154,6 +155,11 @@ def record_key(project: str, anonymous_id: str | None, fallback: str) -> bytes:
 
 encode = orjson.dumps
 decode = orjson.loads
+
+
+def raw_records(value: bytes) -> list[dict[str, Any]]:
+    """The records one raw-topic record value holds."""
+    return [decode(value)]
 
 
 class ApiKeyRecord(TypedDict):

@@ -97,6 +97,18 @@ def project_classifiers(path: Path | None) -> dict[str, Classifier]:
     return {project: Classifier(rules) for project, rules in table.items()}
 
 
+def configured_enricher(settings: Settings, countries: CountryLookup) -> Enricher:
+    """The enrichment the settings configure (the live agent's, and `millimetric replay`'s)."""
+    return Enricher(
+        settings.ip_salt_value(),
+        settings.session_timeout_min,
+        Classifier(),
+        UserAgentParser(),
+        countries,
+        project_classifiers(settings.project_rules_path),
+    )
+
+
 def identity_link(identify: dict[str, Any]) -> IdentityLink:
     """The identities-topic record an identify event produces."""
     return {
@@ -185,14 +197,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             {"ok": True, "geo_available": countries.available, "geo": countries.description}
         )
 
-    enricher = Enricher(
-        settings.ip_salt_value(),
-        settings.session_timeout_min,
-        Classifier(),
-        UserAgentParser(),
-        countries,
-        project_classifiers(settings.project_rules_path),
-    )
+    enricher = configured_enricher(settings, countries)
 
     async def dead_letter(value: bytes, error: Exception) -> None:
         # A forget request carries no IP: kept whole.

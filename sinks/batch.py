@@ -48,6 +48,10 @@ EVENT_FIELDS: tuple[str, ...] = (
 )
 
 
+# The derivation's version (sinks/migrations/0005): 0 from the live processor, which sends none.
+VERSION = "version"
+COLUMNS: tuple[str, ...] = (*EVENT_FIELDS, VERSION)
+
 _ROW = operator.itemgetter(*EVENT_FIELDS)
 
 
@@ -61,8 +65,9 @@ class EventBatch:
     """Column buffers for one insert."""
 
     def __init__(self) -> None:
-        self.columns: dict[str, list[Any]] = {name: [] for name in EVENT_FIELDS}
+        self.columns: dict[str, list[Any]] = {name: [] for name in COLUMNS}
         self._appenders = [self.columns[name].append for name in EVENT_FIELDS]
+        self._versions = self.columns[VERSION]
         self.rows = 0
         self.started = 0.0
         self.next_offsets: dict[TopicPartition, int] = {}
@@ -74,6 +79,7 @@ class EventBatch:
             self.started = time.monotonic()
         for append, value in zip(self._appenders, row, strict=True):
             append(value)
+        self._versions.append(event.get(VERSION, 0))
         self.rows += 1
 
     def split(self) -> tuple[EventBatch, EventBatch]:

@@ -133,7 +133,8 @@ class ClickHouse(Protocol):
     def close(self) -> None: ...
 
 
-def _version(text: str) -> tuple[int, int]:
+def parse_version(text: str) -> tuple[int, int]:
+    """(major, minor) of a `SELECT version()` answer."""
     major, minor = text.strip().split(".")[:2]
     return int(major), int(minor)
 
@@ -181,7 +182,7 @@ class ServerClickHouse:
         bootstrap.disconnect()
         self._client = self._connect(host, port)
         self._lock = threading.Lock()  # the driver's client is not thread-safe
-        self.features = Features(_version(self._client.execute("SELECT version()")[0][0]))
+        self.features = Features(parse_version(self._client.execute("SELECT version()")[0][0]))
 
     def _connect(self, host: str, port: int) -> Any:
         from clickhouse_driver import Client
@@ -263,7 +264,7 @@ class EmbeddedClickHouse:
         self.cluster: str | None = None
         self._session = session.Session(str(path))
         self._lock = threading.Lock()  # one statement at a time per session
-        self.features = Features(_version(self.query_tsv("SELECT version()")))
+        self.features = Features(parse_version(self.query_tsv("SELECT version()")))
 
     def execute(self, sql: str) -> None:
         """Run a statement."""

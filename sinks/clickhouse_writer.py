@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from ingest.metrics import observe_insert
-from sinks.batch import EVENT_FIELDS, EventBatch
+from sinks.batch import COLUMNS, EventBatch
 from sinks.clickhouse import ClickHouse
 
 TIME_FIELDS = frozenset({"timestamp", "received_at"})
@@ -17,6 +17,7 @@ CHDB_CASTS: dict[str, str] = {
     "received_at": "fromUnixTimestamp64Milli(received_at)",
     "source_confidence": "toFloat32(source_confidence)",
     "is_bot": "toUInt8(is_bot)",
+    "version": "toUInt64(version)",
 }
 
 
@@ -26,14 +27,14 @@ class EventWriter:
     def __init__(self, ch: ClickHouse) -> None:
         self._ch = ch
         self._millis = ch.features.has("datetime64")
-        self._select = [CHDB_CASTS.get(name, name) for name in EVENT_FIELDS]
+        self._select = [CHDB_CASTS.get(name, name) for name in COLUMNS]
 
     def insert(self, batch: EventBatch) -> None:
         """One insert of the whole batch; raises if ClickHouse refuses it."""
         if not batch.rows:
             return
         started = time.perf_counter()
-        names = list(EVENT_FIELDS)
+        names = list(COLUMNS)
         data: list[list[Any]] = [batch.columns[name] for name in names]
         if not self._millis:
             # DateTime holds seconds; the milliseconds go to their own columns.

@@ -40,6 +40,10 @@ _CREATE_VIEW = re.compile(
 )
 _ALTER = re.compile(r"ALTER TABLE (\w+)\s+(.*)", re.S)
 _DELETE = re.compile(r"DELETE FROM (\w+)\s+(WHERE\s.*)", re.S)
+_DROP = re.compile(r"DROP TABLE IF EXISTS (\w+)")
+_RENAME = re.compile(r"RENAME TABLE (\w+ TO \w+(?:\s*,\s*\w+ TO \w+)*)")
+_PAIR = re.compile(r"(\w+) TO (\w+)")
+_INSERT_SELECT = re.compile(r"INSERT INTO \w+ SELECT\s.*", re.S)
 # Alterations of a table's columns, which the Distributed table must follow.
 _COLUMNS = re.compile(r"(ADD|DROP|MODIFY|RENAME|COMMENT|CLEAR) COLUMN", re.I)
 
@@ -48,7 +52,8 @@ def cluster_statements(sql: str, cluster: str, database: str) -> list[str]:
     """The statements that do on every replica of `cluster` what `sql` does on one server.
 
     `sql` is one statement of the schema's forms: CREATE TABLE / MATERIALIZED VIEW IF NOT
-    EXISTS, ALTER TABLE, DELETE FROM; any other raises ValueError rather than run on one server.
+    EXISTS, ALTER TABLE, DELETE FROM, DROP TABLE IF EXISTS, RENAME TABLE, INSERT INTO … SELECT;
+    any other raises ValueError rather than run on one server.
     """
     on = f"ON CLUSTER {cluster}"
     if match := _CREATE_TABLE.fullmatch(sql.strip()):
@@ -86,6 +91,27 @@ def cluster_statements(sql: str, cluster: str, database: str) -> list[str]:
     if match := _DELETE.fullmatch(sql.strip()):
         table, where = match.groups()
         return [f"DELETE FROM {database}.{table}{LOCAL} {on} {where}"]
+    if match := _DROP.fullmatch(sql.strip()):
+        name = match[1]  # a view, or a table with its local tables
+        return [
+            f"DROP TABLE IF EXISTS {database}.{name} {on}",
+            f"DROP TABLE IF EXISTS {database}.{name}{LOCAL} {on}",
+        ]
+    if match := _RENAME.fullmatch(sql.strip()):
+        pairs = _PAIR.findall(match[1])
+        renames = ", ".join(f"{database}.{a}{LOCAL} TO {database}.{b}{LOCAL}" for a, b in pairs)
+        # A Distributed table names its local table: each one is recreated over its new local.
+        statements = [f"RENAME TABLE {renames} {on}"]
+        statements += [f"DROP TABLE IF EXISTS {database}.{a} {on}" for a, _ in pairs]
+        statements += [
+            f"CREATE TABLE IF NOT EXISTS {database}.{b} {on} AS {database}.{b}{LOCAL} "
+            f"ENGINE = Distributed({cluster}, {database}, {b}{LOCAL}, "
+            f"{SHARDING_KEYS.get(b, VIEW_FED_SHARDING_KEY)})"
+            for _, b in pairs
+        ]
+        return statements
+    if _INSERT_SELECT.fullmatch(sql.strip()):
+        return [sql]  # through the Distributed tables: every shard read, rows sharded as inserts
     raise ValueError(f"no cluster form for this statement: {sql[:80]!r}")
 
 

@@ -2,7 +2,8 @@
 
 Files are templates: `$NAME` placeholders take the type or clause the server version supports
 (the table below), so one migration serves current ClickHouse and the Debian 18.16 server.
-Every statement is idempotent (IF NOT EXISTS), so a migration interrupted half-way is re-run.
+Every statement is idempotent (IF NOT EXISTS; a RENAME whose first target exists is skipped), so
+a migration interrupted half-way is re-run.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from importlib import resources
 from string import Template
 
 from sinks.clickhouse import ClickHouse, Features
-from sinks.cluster import statements_for
+from sinks.cluster import LOCAL, statements_for
 
 log = logging.getLogger(__name__)
+
+_RENAME_TARGET = re.compile(r"RENAME TABLE \w+ TO (\w+)")
 
 LEDGER = (
     "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -66,6 +69,8 @@ def migrate(ch: ClickHouse) -> list[int]:
         if version in done:
             continue
         for statement in statements(template, ch.features):
+            if _renamed_before(ch, statement):
+                continue
             for form in statements_for(ch, statement):
                 ch.execute(form)
         # Data goes as columns: old servers hang on inline VALUES sent through the native driver.
@@ -75,6 +80,17 @@ def migrate(ch: ClickHouse) -> list[int]:
         log.info("applied migration %04d_%s", version, name)
         applied.append(version)
     return applied
+
+
+def _renamed_before(ch: ClickHouse, statement: str) -> bool:
+    """Whether `statement` is a RENAME an interrupted run did already (its first target exists)."""
+    if not (match := _RENAME_TARGET.match(statement)):
+        return False
+    found = ch.query_tsv(
+        "SELECT count() FROM system.tables WHERE database = currentDatabase() "
+        f"AND name IN ('{match[1]}', '{match[1]}{LOCAL}')"
+    )
+    return int(found.strip() or 0) > 0
 
 
 def apply_retention(ch: ClickHouse, days: int | None) -> str:

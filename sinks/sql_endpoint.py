@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from sinks.clickhouse import ClickHouse
+from sinks.clickhouse import ClickHouse, Features, parse_version
 
 ENDPOINT_FILE = "clickhouse.endpoint"
 TOKEN_FILE = "clickhouse.token"
@@ -145,3 +145,31 @@ def query_endpoint(data_dir: Path, sql: str, *, write: bool = False, timeout: fl
             return str(response.read().decode())
     except urllib.error.HTTPError as error:
         raise SqlRefused(error.read().decode()) from None
+
+
+class EndpointClickHouse:
+    """The embedded store a running sink holds, through its endpoint: the surface of a
+    ClickHouse that statements need (no inserts of Python data)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        """Reach the sink serving `data_dir`; OSError when none does."""
+        self._data_dir = data_dir
+        self.database = "default"
+        self.cluster: str | None = None
+        self.description = f"embedded chdb at {data_dir} (through the running sink)"
+        self.features = Features(parse_version(self.query_tsv("SELECT version()")))
+
+    def execute(self, sql: str) -> None:
+        """Run a statement."""
+        query_endpoint(self._data_dir, sql, write=True)
+
+    def query_tsv(self, sql: str) -> str:
+        """Run a read query; its rows as TSV."""
+        return query_endpoint(self._data_dir, sql)
+
+    def query_every_replica(self, sql: str) -> list[str]:
+        """Run a read query on the one replica there is."""
+        return [self.query_tsv(sql)]
+
+    def close(self) -> None:
+        """Nothing to release: the sink holds the store."""

@@ -17,6 +17,7 @@ from sinks.clickhouse import Features, ServerClickHouse
 from sinks.cluster import cluster_statements, pending_mutations
 from sinks.erasure import ErasureExecutor
 from sinks.migrate import LEDGER, migrations, statements
+from sinks.rollup_rebuild import rebuild
 from tests.clickhouse_cluster import CLUSTER, clickhouse_cluster
 from tests.test_sinks import enriched, produce
 
@@ -30,7 +31,10 @@ def test_every_migration_statement_has_a_cluster_form(version: tuple[int, int]) 
     rendered = [LEDGER] + [s for _, _, t in migrations() for s in statements(t, features)]
     for sql in rendered:
         forms = cluster_statements(sql, "c", "db")
-        assert all(" ON CLUSTER c " in f"{form} " for form in forms), sql
+        # A copy runs once, through the Distributed tables; everything else on every replica.
+        assert all(
+            " ON CLUSTER c " in f"{form} " or form.startswith("INSERT INTO ") for form in forms
+        ), sql
     events = cluster_statements(rendered[1], "c", "db")
     assert events[0].startswith("CREATE TABLE IF NOT EXISTS db.events_local ON CLUSTER c (")
     assert (
@@ -42,6 +46,23 @@ def test_every_migration_statement_has_a_cluster_form(version: tuple[int, int]) 
     )
     with pytest.raises(ValueError):
         cluster_statements("DROP TABLE events", "c", "db")
+
+
+def test_a_rename_renames_the_local_tables_and_recreates_the_distributed_ones() -> None:
+    assert cluster_statements("RENAME TABLE events TO old, new TO events", "c", "db") == [
+        "RENAME TABLE db.events_local TO db.old_local, db.new_local TO db.events_local "
+        "ON CLUSTER c",
+        "DROP TABLE IF EXISTS db.events ON CLUSTER c",
+        "DROP TABLE IF EXISTS db.new ON CLUSTER c",
+        "CREATE TABLE IF NOT EXISTS db.old ON CLUSTER c AS db.old_local "
+        "ENGINE = Distributed(c, db, old_local, rand())",
+        "CREATE TABLE IF NOT EXISTS db.events ON CLUSTER c AS db.events_local "
+        "ENGINE = Distributed(c, db, events_local, cityHash64(project, anonymous_id))",
+    ]
+    assert cluster_statements("DROP TABLE IF EXISTS daily_rollup_mv", "c", "db") == [
+        "DROP TABLE IF EXISTS db.daily_rollup_mv ON CLUSTER c",
+        "DROP TABLE IF EXISTS db.daily_rollup_mv_local ON CLUSTER c",
+    ]
 
 
 def test_mutations_become_cluster_mutations_on_the_local_tables() -> None:
@@ -184,3 +205,29 @@ def test_two_shards_keep_a_repeated_event_on_one_shard(fresh_broker: str, tmp_pa
         shards = [int(_on(s, "SELECT count() FROM events_local FINAL")) for s in cluster.replicas]
         assert all(shards) and sum(shards) == 1012
         assert int(_on(first, "SELECT count() FROM events WHERE event_id = 'e1011'")) == 1
+
+        # A replayed row (a higher version, another channel) replaces its first copy, and the
+        # rebuild of its day counts it once, in its new group only.
+        ch = ServerClickHouse(first.url(DATABASE), CLUSTER)
+        try:
+            columns = "project, event_id, event, timestamp, received_at, anonymous_id, session_id"
+            ch.execute(
+                f"INSERT INTO events ({columns}, channel, version) "
+                f"SELECT {columns}, 'Email', 9 FROM events WHERE event_id = 'e7'"
+            )
+            day = ch.query_tsv(
+                "SELECT toString(toDate(timestamp)) FROM events WHERE event_id = 'e7'"
+            )
+            rebuild(ch, "demo", {day.split()[0]})
+            rollup = (
+                "SELECT channel, sum(c) FROM (SELECT channel, uniqExactMerge(events) AS c "
+                "FROM daily_rollup GROUP BY project, day, event, source, medium, channel) "
+                "GROUP BY channel ORDER BY channel"
+            )
+            by_channel = (
+                "SELECT channel, count() FROM events FINAL GROUP BY channel ORDER BY channel"
+            )
+            assert ch.query_tsv(rollup) == ch.query_tsv(by_channel)
+            assert "Email\t1\n" in ch.query_tsv(rollup)
+        finally:
+            ch.close()

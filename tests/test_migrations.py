@@ -87,3 +87,39 @@ def test_retention_days_drops_old_events_and_keeps_the_aggregates(ch: ClickHouse
         assert said.startswith("retention: this server has no TTL")
         assert kept == "new\nold\n"
     assert apply_retention(ch, None) == "retention: events are kept until deleted"
+
+
+def test_event_versions_keep_the_rows_and_aggregates_and_resume_after_the_rename(
+    ch: ClickHouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = migrations()
+    before = [m for m in shipped if m[0] < 5]
+    monkeypatch.setattr(migrate_module, "migrations", lambda: before)
+    migrate(ch)
+    insert = (
+        "INSERT INTO events (project, event_id, event, timestamp, received_at, session_id, source) "
+        "SELECT 'p', '{}', 'e', toDateTime('2026-01-02 03:04:05', 'UTC'), now(), 's', '{}'"
+    )
+    ch.execute(insert.format("old", "google"))
+    # Interrupted just after the rename: the next start must neither rename again nor lose rows.
+    versions = next(m for m in shipped if m[0] == 5)
+    cut = versions[2].index("INSERT INTO events SELECT")
+    broken = versions[2][:cut] + "INSERT INTO not_there SELECT 1"
+    monkeypatch.setattr(migrate_module, "migrations", lambda: [*before, (5, "cut", broken)])
+    with pytest.raises(Exception, match="not_there"):
+        migrate(ch)
+    monkeypatch.setattr(migrate_module, "migrations", lambda: shipped)
+    assert migrate(ch) == [5]
+    assert ch.query_tsv("SELECT event_id, version FROM events") == "old\t0\n"
+    # The copy fed no aggregate twice; a replayed row (higher version) replaces the old one.
+    ch.execute(insert.format("old", "bing").replace("source)", "source, version)") + ", 7")
+    ch.execute(insert.format("old", "google"))  # the live row redelivered later: version 0
+    assert ch.query_tsv("SELECT source, version FROM events FINAL") == "bing\t7\n"
+    rollup = (
+        "SELECT source, uniqExactMerge(events) FROM daily_rollup GROUP BY source ORDER BY source"
+    )
+    assert ch.query_tsv(rollup) == "bing\t1\ngoogle\t1\n"  # the views fire again
+    tables = ch.query_tsv(
+        "SELECT name FROM system.tables WHERE database = currentDatabase() AND name LIKE 'events%'"
+    )
+    assert tables == "events\n"
