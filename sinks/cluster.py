@@ -40,6 +40,9 @@ _CREATE_VIEW = re.compile(
 )
 _ALTER = re.compile(r"ALTER TABLE (\w+)\s+(.*)", re.S)
 _DELETE = re.compile(r"DELETE FROM (\w+)\s+(WHERE\s.*)", re.S)
+_INSERT_SELECT = re.compile(
+    r"INSERT INTO (\w+)\s+(SELECT\s.*?\sFROM\s+)(\w+)(\s.*)", re.S
+)
 # Alterations of a table's columns, which the Distributed table must follow.
 _COLUMNS = re.compile(r"(ADD|DROP|MODIFY|RENAME|COMMENT|CLEAR) COLUMN", re.I)
 
@@ -48,7 +51,8 @@ def cluster_statements(sql: str, cluster: str, database: str) -> list[str]:
     """The statements that do on every replica of `cluster` what `sql` does on one server.
 
     `sql` is one statement of the schema's forms: CREATE TABLE / MATERIALIZED VIEW IF NOT
-    EXISTS, ALTER TABLE, DELETE FROM; any other raises ValueError rather than run on one server.
+    EXISTS, ALTER TABLE, DELETE FROM, INSERT INTO t SELECT; any other raises ValueError rather than
+    run on one server.
     """
     on = f"ON CLUSTER {cluster}"
     if match := _CREATE_TABLE.fullmatch(sql.strip()):
@@ -86,6 +90,11 @@ def cluster_statements(sql: str, cluster: str, database: str) -> list[str]:
     if match := _DELETE.fullmatch(sql.strip()):
         table, where = match.groups()
         return [f"DELETE FROM {database}.{table}{LOCAL} {on} {where}"]
+    if match := _INSERT_SELECT.fullmatch(sql.strip()):
+        # Once, not ON CLUSTER: through the Distributed tables, every shard's rows are read and
+        # the states land on some shard; reads merge states across shards, so sets stay exact.
+        table, select, source, rest = match.groups()
+        return [f"INSERT INTO {database}.{table} {select}{database}.{source}{rest}"]
     raise ValueError(f"no cluster form for this statement: {sql[:80]!r}")
 
 
