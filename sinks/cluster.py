@@ -40,9 +40,7 @@ _CREATE_VIEW = re.compile(
 )
 _ALTER = re.compile(r"ALTER TABLE (\w+)\s+(.*)", re.S)
 _DELETE = re.compile(r"DELETE FROM (\w+)\s+(WHERE\s.*)", re.S)
-_INSERT_SELECT = re.compile(
-    r"INSERT INTO (\w+)\s+(SELECT\s.*?\sFROM\s+)(\w+)(\s.*)", re.S
-)
+_INSERT_SELECT = re.compile(r"INSERT INTO (\w+)\s+(SELECT\s.*?\sFROM\s+)(\w+)(\s.*)", re.S)
 # Alterations of a table's columns, which the Distributed table must follow.
 _COLUMNS = re.compile(r"(ADD|DROP|MODIFY|RENAME|COMMENT|CLEAR) COLUMN", re.I)
 
