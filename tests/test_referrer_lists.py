@@ -90,7 +90,7 @@ def test_snowplow_documented_referrers(clf: Classifier, referrer: str, channel: 
         ("https://news.yahoo.com/x", "Referral", "yahoo"),
         ("https://maps.yandex.ru/", "Referral", "yandex_maps"),
         # GA4 source categories (rows of the CSV).
-        ("https://www.360.cn/", "Organic Search", "360.cn"),
+        ("https://www.360.cn/", "Organic Search", "so360"),  # named by our "360" alias
         ("https://biglobe.ne.jp/", "Organic Search", "biglobe"),
         ("https://iq.com/play/x", "Organic Video", "iq.com"),
         ("https://d.tube/", "Organic Video", "d.tube"),
@@ -144,6 +144,42 @@ def test_android_app_ids_from_lists(clf: Classifier, app: str, channel: str, sou
 
 
 @pytest.mark.parametrize(
+    ("app", "channel", "source"),
+    [
+        # App ids of PostHog's channel definitions (GA4's list with apps), in no other list.
+        ("com.instagram.lite", "Organic Social", "instagram"),
+        ("com.linkedin.android.learning", "Organic Social", "linkedin"),
+        ("com.quoord.tapatalk", "Organic Social", "com.quoord.tapatalk"),
+        ("com.google.android.apps.youtube.music", "Organic Video", "youtube"),
+        ("tv.twitch.android.app", "Organic Video", "twitch"),
+        ("in.amazon.mshop.android.shopping", "Organic Shopping", "amazon"),
+        ("com.etsy.android", "Organic Shopping", "etsy"),
+        ("ru.yandex.mobile.search", "Organic Search", "yandex"),
+        ("com.microsoft.outlooklite", "Email", "com.microsoft.outlooklite"),
+        ("com.apple.mobilemail", "Email", "com.apple.mobilemail"),
+    ],
+)
+def test_posthog_app_ids(clf: Classifier, app: str, channel: str, source: str) -> None:
+    c = clf.classify(SITE, f"android-app://{app}/")
+    assert (c.channel, c.source) == (channel, source), c.why
+    assert "PostHog channel definitions" in c.why
+
+
+@pytest.mark.parametrize(
+    ("source", "medium", "channel"),
+    [
+        # GA4's Paid Shopping / Paid Video over an app id PostHog lists as shopping / video.
+        ("com.shopify.mobile", "cpc", "Paid Shopping"),
+        ("com.netflix.mediaclient", "paid", "Paid Video"),
+        ("com.pinterest.lite", "cpc", "Paid Social"),
+    ],
+)
+def test_posthog_app_ids_in_utm(clf: Classifier, source: str, medium: str, channel: str) -> None:
+    c = clf.classify(f"{SITE}?utm_source={source}&utm_medium={medium}", None)
+    assert c.channel == channel, c.why
+
+
+@pytest.mark.parametrize(
     ("host", "pattern"),
     [
         ("mail.isp.example", "mail.*"),
@@ -177,11 +213,11 @@ def _lookup(refs: Referrers, kind: str, key: str) -> Known | None:
 
 
 def test_every_hand_kept_entry_wins() -> None:
-    from processors.referrer_import import _ga4, _key, _matomo, _snowplow
+    from processors.referrer_import import _key, groups
 
     refs, hand = Referrers(), Referrers(REFERRERS_PATH, lists_path=None)
     checked = 0
-    for group in (*_snowplow(), *_matomo(), *_ga4()):
+    for group in groups():
         for entry in group.entries:
             if (parsed := _key(entry)) is None or (known := hand.hand_entry(*parsed)) is None:
                 continue
@@ -194,12 +230,12 @@ def test_every_hand_kept_line_wins_and_says_why() -> None:
     # Every entry of every referrers.toml line (listed or not) and every app id resolves to
     # that line's source with the lists loaded; every line has its reason, and a line that
     # changes the category a list gives one of its keys says which list it overrides.
-    from processors.referrer_import import LISTS, _ga4, _key, _matomo, _snowplow
+    from processors.referrer_import import LISTS, _key, groups
 
     table = tomllib.loads(REFERRERS_PATH.read_text("utf-8"))
     refs = Referrers()
     listed: dict[tuple[str, str], set[tuple[str, str]]] = {}
-    for group in (*_snowplow(), *_matomo(), *_ga4()):
+    for group in groups():
         for entry in group.entries:
             if (parsed := _key(entry)) is not None:
                 listed.setdefault(parsed, set()).add((group.list, group.category))
