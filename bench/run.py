@@ -1,4 +1,5 @@
-"""`millimetric bench [--quick] [--json FILE]`: every stage beside its baseline, one table.
+"""`millimetric bench [--quick] [--read-events N] [--json FILE]`: every stage beside its
+baseline, one table.
 
 Each stage bench starts its own broker (and stores), so one stage's topics never feed the next;
 the end-to-end bench runs last and uses the slowest stage's throughput as its baseline.
@@ -10,10 +11,20 @@ import platform
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench import backfill, classify, client, end_to_end, forget, gateway, processor, sink
+from bench import (
+    backfill,
+    classify,
+    client,
+    end_to_end,
+    forget,
+    gateway,
+    processor,
+    read_api,
+    sink,
+)
 from bench.table import Row, markdown, write_json
 
 
@@ -28,6 +39,7 @@ class Sizes:
     client_events: int  # tracked by one millimetric.Client process
     forgets: int
     backfill_events: int  # lines of the file `millimetric backfill` imports
+    read_events: int  # synthetic events the read API bench loads (10 M is the issue's size)
 
 
 QUICK = Sizes(
@@ -38,6 +50,7 @@ QUICK = Sizes(
     client_events=30_000,
     forgets=200,
     backfill_events=20_000,
+    read_events=100_000,
 )
 FULL = Sizes(
     seconds=20,
@@ -47,6 +60,7 @@ FULL = Sizes(
     client_events=100_000,
     forgets=1_000,
     backfill_events=100_000,
+    read_events=1_000_000,
 )
 
 
@@ -65,9 +79,12 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {model}, Python {platform.python_version()}"
 
 
-def main(quick: bool, json_path: Path | None) -> int:
-    """Run every bench, print the table, write the JSON rows."""
+def main(quick: bool, json_path: Path | None, read_events: int | None = None) -> int:
+    """Run every bench, print the table, write the JSON rows; `read_events` overrides the
+    read API bench's size (0 leaves it out)."""
     sizes = QUICK if quick else FULL
+    if read_events is not None:
+        sizes = replace(sizes, read_events=read_events)
     root = Path(tempfile.mkdtemp(prefix="millimetric-bench-"))
     started = time.monotonic()
     print(f"millimetric bench ({'quick' if quick else 'full'}) on {machine()}; logs in {root}")
@@ -83,6 +100,8 @@ def main(quick: bool, json_path: Path | None) -> int:
     rows += end_to_end.run(root / "end_to_end", sizes.seconds, slowest)
     rows += client.run(root / "client", sizes.client_events, sizes.seconds, gw.batch_eps)
     rows += backfill.run(root / "backfill", sizes.backfill_events, gw.batch_eps)
+    if sizes.read_events:
+        rows += read_api.run(sizes.read_events)
     print(markdown(rows))
     print(f"took {time.monotonic() - started:.0f}s")
     if json_path is not None:

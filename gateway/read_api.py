@@ -177,9 +177,8 @@ async def _stats(reader: Reader, project: str, p: Params) -> dict[str, Any]:
     limit = p.settings.read_max_range_days * 24
     query = read_queries.stats(project, start, end, event, interval, tz, limit)
     rows = await reader.rows(query.sql())
-    zone = "UTC" if query.template is read_queries.STATS_ROLLUP else tz
     buckets = [
-        {"start": _iso(b, zone), "events": int(e), "visitors": int(v), "users": int(u)}
+        {"start": _iso(b, tz), "events": int(e), "visitors": int(v), "users": int(u)}
         for b, e, v, u in rows
     ]
     return {"ok": True, "buckets": buckets}

@@ -317,7 +317,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
     from bench.run import main as run_bench
 
-    return run_bench(args.quick, Path(args.json) if args.json else None)
+    return run_bench(args.quick, Path(args.json) if args.json else None, args.read_events)
 
 
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
@@ -519,6 +519,11 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark every stage against same-run baselines")
     bench.add_argument("--quick", action="store_true", help="small sizes: about 4 minutes")
     bench.add_argument("--json", default="bench-results.json", help="where to write the rows")
+    bench.add_argument(
+        "--read-events",
+        type=int,
+        help="events the read API bench loads (default 100k quick, 1M full; 0 skips it)",
+    )
     bench.set_defaults(run=cmd_bench)
 
     backfill = sub.add_parser("backfill", help="import history through /v1/batch (resumable)")

@@ -21,6 +21,7 @@ LISTS = {
     "snowplow": "Snowplow referer-parser",
     "matomo": "Matomo searchengine-and-social-list",
     "ga4": "GA4 source categories",
+    "posthog": "PostHog channel definitions",
 }
 # Snowplow medium -> our category; "unknown" (known source, no medium) first, since it exists to
 # keep e.g. maps.google.com out of search; "paid" (ad servers) is left out: GA4 reads an untagged
@@ -38,6 +39,9 @@ GA4 = {
     "SOURCE_CATEGORY_SHOPPING": "shopping",
     "SOURCE_CATEGORY_VIDEO": "video",
 }
+# PostHog's source type of an app id -> our category.
+POSTHOG = {"Search": "search", "Social": "social", "Shopping": "shopping", "Video": "video",
+           "Email": "email"}  # fmt: skip
 
 
 class Group(NamedTuple):
@@ -74,6 +78,12 @@ def _ga4() -> Iterator[Group]:
             yield Group("ga4", "", GA4[row["source_category"]], [row["source"]])
 
 
+def _posthog() -> Iterator[Group]:
+    with (DATA / "posthog" / "apps.tsv").open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            yield Group("posthog", "", POSTHOG[row["category"]], [row["app_id"]])
+
+
 def _key(entry: str) -> tuple[str, str] | None:
     """(kind, key) of a list entry: hosts match by suffix, stems as "stem.<tld>"; None if the
     entry needs a path (we match hosts only) or is no usable name."""
@@ -101,7 +111,7 @@ def build() -> dict[str, Any]:
     claimed: set[tuple[str, str]] = set()
     ga4_aliases = {g.entries[0].lower(): g.category for g in _ga4() if "." not in g.entries[0]}
     sources: list[dict[str, Any]] = []
-    for group in (*_snowplow(), *_matomo(), *_ga4()):
+    for group in groups():
         keys: dict[str, list[str]] = {"hosts": [], "wildcards": [], "aliases": []}
         name = ""
         for entry in group.entries:
@@ -121,7 +131,7 @@ def build() -> dict[str, Any]:
         if not any(keys.values()):
             continue
         if not name:
-            name = _slug(group.display) if group.display else _ga4_name(keys, ga4_aliases, group)
+            name = _slug(group.display) if group.display else _name(keys, ga4_aliases, group, hand)
         sources.append(
             {"list": group.list, "display": group.display, "name": name,
              "category": group.category, **{k: v for k, v in keys.items() if v}}
@@ -129,13 +139,24 @@ def build() -> dict[str, Any]:
     return {"lists": LISTS, "sources": sources}
 
 
-def _ga4_name(keys: dict[str, list[str]], aliases: dict[str, str], group: Group) -> str:
-    """GA4 rows have no display name: "crackle.com" is named by its sibling row "crackle"."""
+def _name(
+    keys: dict[str, list[str]], aliases: dict[str, str], group: Group, hand: Referrers
+) -> str:
+    """A source without a display name is named by a label of its key that names a source of
+    the same category: "crackle.com" by GA4's row "crackle", "com.instagram.lite" by ours."""
     for key in (*keys["hosts"], *keys["aliases"]):
         for label in key.split("."):
+            known = hand.hand_entry("aliases", label)
+            if known is not None and known.category == group.category:
+                return known.name
             if aliases.get(label) == group.category:
                 return label
     return (keys["hosts"] or keys["aliases"] or keys["wildcards"])[0]
+
+
+def groups() -> Iterator[Group]:
+    """Every list's sources, in precedence order."""
+    yield from (*_snowplow(), *_matomo(), *_ga4(), *_posthog())
 
 
 def render(doc: dict[str, Any]) -> str:

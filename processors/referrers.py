@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REFERRERS_PATH = Path(__file__).with_name("referrers.toml")
 LISTS_PATH = Path(__file__).with_name("referrer_data") / "lists.json"
@@ -51,18 +51,30 @@ class _Pattern(BaseModel):
     model_config = ConfigDict(extra="forbid")
     glob: str
     category: Category
-    why: str
+    why: str = Field(min_length=10)
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    entries: list[str]
+    why: str = Field(min_length=10)  # every hand-kept line says why it beats the lists
+
+
+class _App(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    why: str = Field(min_length=10)
 
 
 class _ReferrerFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    search: dict[str, list[str]]
-    social: dict[str, list[str]]
-    video: dict[str, list[str]]
-    shopping: dict[str, list[str]]
-    email: dict[str, list[str]]
-    ai_assistant: dict[str, list[str]]
-    apps: dict[str, str]
+    search: dict[str, _Source]
+    social: dict[str, _Source]
+    video: dict[str, _Source]
+    shopping: dict[str, _Source]
+    email: dict[str, _Source]
+    ai_assistant: dict[str, _Source]
+    apps: dict[str, _App]
     patterns: list[_Pattern] = []
 
 
@@ -138,11 +150,13 @@ class Referrers:
         except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
             raise ValueError(f"{path.name}: {exc}") from exc
         self._hand = _Tables()
+        self.reasons: dict[str, str] = {}  # hand-kept source name or app id -> its why
         for category in CATEGORIES:
-            for name, entries in getattr(table, category).items():
+            for name, source in getattr(table, category).items():
                 known = Known(name, category)
+                self.reasons[name] = source.why
                 _add(self._hand.alias, name.lower(), known, path.name)
-                for entry in entries:
+                for entry in source.entries:
                     key = entry.strip().lower()
                     if key.endswith(".*"):
                         _add(self._hand.wild, key[:-2], known, path.name)
@@ -150,10 +164,12 @@ class Referrers:
                         target = self._hand.exact if "." in key else self._hand.alias
                         _add(target, key, known, path.name)
         self._apps: dict[str, Known] = {}
-        for app_id, name in table.apps.items():
-            if name not in self._hand.alias:
-                raise ValueError(f"{path.name}: app {app_id!r} maps to unknown source {name!r}")
-            self._apps[app_id.lower()] = self._hand.alias[name]
+        for app_id, app in table.apps.items():
+            if app.source not in self._hand.alias:
+                unknown = f"app {app_id!r} maps to unknown source {app.source!r}"
+                raise ValueError(f"{path.name}: {unknown}")
+            self._apps[app_id.lower()] = self._hand.alias[app.source]
+            self.reasons[app_id.lower()] = app.why
         # Host globs, tried in order after every table, as one regex: group p<i> is glob i.
         self._patterns = [Known("", p.category, f"{HAND} {p.glob!r}") for p in table.patterns]
         self._lists = _Tables()

@@ -43,7 +43,7 @@ _DELETE = re.compile(r"DELETE FROM (\w+)\s+(WHERE\s.*)", re.S)
 _DROP = re.compile(r"DROP TABLE IF EXISTS (\w+)")
 _RENAME = re.compile(r"RENAME TABLE (\w+ TO \w+(?:\s*,\s*\w+ TO \w+)*)")
 _PAIR = re.compile(r"(\w+) TO (\w+)")
-_INSERT_SELECT = re.compile(r"INSERT INTO \w+ SELECT\s.*", re.S)
+_INSERT_SELECT = re.compile(r"INSERT INTO (\w+)\s+(SELECT\s.*?\sFROM\s+)(\w+)(.*)", re.S)
 # Alterations of a table's columns, which the Distributed table must follow.
 _COLUMNS = re.compile(r"(ADD|DROP|MODIFY|RENAME|COMMENT|CLEAR) COLUMN", re.I)
 
@@ -110,8 +110,11 @@ def cluster_statements(sql: str, cluster: str, database: str) -> list[str]:
             for _, b in pairs
         ]
         return statements
-    if _INSERT_SELECT.fullmatch(sql.strip()):
-        return [sql]  # through the Distributed tables: every shard read, rows sharded as inserts
+    if match := _INSERT_SELECT.fullmatch(sql.strip()):
+        # Once, not ON CLUSTER: through the Distributed tables, every shard's rows are read and
+        # the states land on some shard; reads merge states across shards, so sets stay exact.
+        table, select, source, rest = match.groups()
+        return [f"INSERT INTO {database}.{table} {select}{database}.{source}{rest}"]
     raise ValueError(f"no cluster form for this statement: {sql[:80]!r}")
 
 

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # Passes of delete-then-check: a straggler landing after a delete is caught by the next one.
 PASSES = 5
+# An event's hour in hourly_rollup, as its view computes it.
+HOUR = "toStartOfHour(toDateTime(timestamp, 'UTC'))"
+HOURLY_KEYS = ["project", "hour", "event"]
 
 
 def audit_key(settings: Settings) -> bytes:
@@ -66,14 +69,14 @@ class Forget:
         )
 
 
-def _sessions_rebuild() -> tuple[list[str], str]:
-    """Columns and SELECT of the sessions view (the one source of truth for a session row)."""
-    template = next(text for _, name, text in migrations() if name == "rollups")
+def _view_rebuild(migration: str, table: str, keys: list[str]) -> tuple[list[str], str]:
+    """Columns and SELECT of `table`'s view (the one source of truth for its rows)."""
+    template = next(text for _, name, text in migrations() if name == migration)
     view = next(
-        s for s in template.split(";") if "MATERIALIZED VIEW IF NOT EXISTS sessions_mv" in s
+        s for s in template.split(";") if f"MATERIALIZED VIEW IF NOT EXISTS {table}_mv" in s
     )
-    select = view.split(" TO sessions AS", 1)[1]
-    return ["project", "session_id", *re.findall(r"\bAS (\w+)", select)], select
+    select = view.split(f" TO {table} AS", 1)[1]
+    return [*keys, *(c for c in re.findall(r"\bAS (\w+)", select) if c not in keys)], select
 
 
 class ErasureExecutor:
@@ -87,9 +90,12 @@ class ErasureExecutor:
         self._grace = grace_s
         self._timeout = mutation_timeout_s
         self._lightweight = ch.features.has("lightweight_delete")
-        columns, select = _sessions_rebuild()
+        columns, select = _view_rebuild("rollups", "sessions", ["project", "session_id"])
         self._session_columns = columns
         self._session_select = statements(select, ch.features)[0]
+        columns, select = _view_rebuild("hourly_rollup", "hourly_rollup", HOURLY_KEYS)
+        self._hourly_columns = columns
+        self._hourly_select = statements(select, ch.features)[0]
         self._unfinished: dict[str, set[str]] = {}  # table -> our mutations still running
         self._carried: dict[str, dict[str, int]] = {}  # forget_id -> counts of a timed-out try
 
@@ -282,6 +288,10 @@ class ErasureExecutor:
         ]
         if not (events or identities or session_rows):
             return False
+        hours = sorted(
+            {(r[0], r[1]) for w in plain for r in self._rows(f"SELECT DISTINCT project, {HOUR} "
+                                                             f"FROM events WHERE {w}")}
+        )  # fmt: skip
         self._tally(forgets, "events", events)
         self._tally(forgets, "identities", identities)
         sessions = sorted({(r[0], r[3]) for r in session_rows})
@@ -290,21 +300,32 @@ class ErasureExecutor:
         self._delete("events", [w for w in plain if events])
         self._delete("identities", [w for w in plain if identities])
         self.wait_for_mutations()
+        if hours:
+            # The hours' sets lose the person's ids: rebuilt from the events that remain.
+            targets = chunks(hours, [], "hour", "hour")
+            self._rebuild("hourly_rollup", self._hourly_columns, self._hourly_select, targets,
+                          chunks(hours, [], HOUR, HOUR))  # fmt: skip
         if sessions:
             # Whole sessions go, then what others did in a shared one comes back from events.
             wheres = chunks(sessions, [], "session_id", "session_id")
-            self._delete("sessions", wheres)
-            self.wait_for_mutations()
-            for where in wheres:
-                self._ch.execute(
-                    f"INSERT INTO sessions ({', '.join(self._session_columns)}) "
-                    + re.sub(
-                        r"FROM events\s+GROUP BY",
-                        f"FROM events WHERE {where} GROUP BY",
-                        self._session_select,
-                    )
-                )
+            self._rebuild("sessions", self._session_columns, self._session_select, wheres, wheres)
         return True
+
+    def _rebuild(
+        self, table: str, columns: list[str], select: str, targets: list[str], sources: list[str]
+    ) -> None:
+        """Delete `table`'s rows matching `targets`, then insert them again from the events
+        matching `sources` (what is left of them), through the table's view SELECT."""
+        self._delete(table, targets)
+        self.wait_for_mutations()
+        for where in sources:
+            self._ch.execute(
+                f"INSERT INTO {table} ({', '.join(columns)}) "
+                # FINAL: after a replay, only the latest version of each row feeds the states.
+                + re.sub(
+                    r"FROM events\s+GROUP BY", f"FROM events FINAL WHERE {where} GROUP BY", select
+                )
+            )
 
 
 def status_record(

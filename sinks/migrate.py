@@ -19,6 +19,9 @@ from sinks.cluster import LOCAL, statements_for
 log = logging.getLogger(__name__)
 
 _RENAME_TARGET = re.compile(r"RENAME TABLE \w+ TO (\w+)")
+_VIEW = re.compile(
+    r"CREATE MATERIALIZED VIEW IF NOT EXISTS \w+\s+TO\s+(\w+)\s+AS\s+(SELECT\s.*)", re.S
+)
 
 LEDGER = (
     "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -58,6 +61,16 @@ def statements(template: str, features: Features) -> list[str]:
     return [s.strip() for s in sql.split(";") if s.strip()]
 
 
+def backfill(statement: str) -> str | None:
+    """For a statement creating a materialized view, the INSERT that gives its table what the
+    source table held before the view existed (rows inserted since are taken twice: every view's
+    states are sets or extrema, so that changes nothing). Columns go by position: each view
+    selects its table's columns in order (tests/test_migrations.py checks)."""
+    if match := _VIEW.fullmatch(statement):
+        return f"INSERT INTO {match[1]} {match[2]}"
+    return None
+
+
 def migrate(ch: ClickHouse) -> list[int]:
     """Apply every migration not applied yet; return the versions applied now. On a cluster,
     every statement runs in its cluster form (sinks/cluster.py), the ledger included."""
@@ -71,7 +84,8 @@ def migrate(ch: ClickHouse) -> list[int]:
         for statement in statements(template, ch.features):
             if _renamed_before(ch, statement):
                 continue
-            for form in statements_for(ch, statement):
+            fill = backfill(statement)
+            for form in statements_for(ch, statement) + (statements_for(ch, fill) if fill else []):
                 ch.execute(form)
         # Data goes as columns: old servers hang on inline VALUES sent through the native driver.
         ch.insert_columns(

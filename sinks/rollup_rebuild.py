@@ -1,4 +1,4 @@
-"""Rebuilding `daily_rollup` and `sessions` for days a replay re-derived, from `events FINAL`.
+"""Rebuilding the rollups and `sessions` for days a replay re-derived, from `events FINAL`.
 
 The aggregates' states are sets and extrema, so a replayed row that changes nothing they group
 by changes nothing. One that changes `source`/`medium`/`channel` does: the view adds its event to
@@ -82,8 +82,8 @@ def received_days(
 
 
 def rebuild(ch: ClickHouse, project: str, days: Iterable[str], timeout_s: float = 600) -> None:
-    """Rebuild `daily_rollup` for `project`'s `days` (YYYY-MM-DD) and its sessions with events on
-    them, from `events FINAL`."""
+    """Rebuild `daily_rollup` and `hourly_rollup` for `project`'s `days` (YYYY-MM-DD) and its
+    sessions with events on them, from `events FINAL`."""
     dates = ", ".join(f"toDate({quote(day)})" for day in sorted(days))
     if not dates:
         return
@@ -96,8 +96,18 @@ def rebuild(ch: ClickHouse, project: str, days: Iterable[str], timeout_s: float 
     _run(
         ch, f"ALTER TABLE daily_rollup DELETE WHERE project = {quote(project)} AND day IN ({dates})"
     )
+    _run(
+        ch,
+        f"ALTER TABLE hourly_rollup DELETE WHERE project = {quote(project)} "
+        f"AND toDate(hour) IN ({dates})",
+    )
     _run(ch, f"ALTER TABLE sessions DELETE WHERE {sessions}")
     _wait_for_mutations(ch, timeout_s)
-    for view, where in (("daily_rollup_mv", on_days), ("sessions_mv", insert_sessions)):
+    views = (
+        ("daily_rollup_mv", on_days),
+        ("hourly_rollup_mv", on_days),
+        ("sessions_mv", insert_sessions),
+    )
+    for view, where in views:
         table, columns, select = view_query(view, ch)
         ch.execute(f"INSERT INTO {table} ({', '.join(columns)}) {_filtered(select, where)}")

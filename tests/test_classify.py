@@ -537,7 +537,8 @@ def test_referrer_table_loads_and_is_large() -> None:
 def test_referrer_table_rejects_duplicates(tmp_path: Path) -> None:
     bad = tmp_path / "referrers.toml"
     bad.write_text(
-        'apps = {}\nsearch = { a = ["x.com"] }\nsocial = { b = ["x.com"] }\n'
+        'apps = {}\nsearch = { a = { entries = ["x.com"], why = "vendor site: search engine" } }\n'
+        'social = { b = { entries = ["x.com"], why = "vendor site: a social network" } }\n'
         "video = {}\nshopping = {}\nemail = {}\nai_assistant = {}\n"
     )
     with pytest.raises(ValueError, match=r"x\.com"):

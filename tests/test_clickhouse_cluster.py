@@ -16,7 +16,7 @@ from ingest.records import Erasure
 from sinks.clickhouse import Features, ServerClickHouse
 from sinks.cluster import cluster_statements, pending_mutations
 from sinks.erasure import ErasureExecutor
-from sinks.migrate import LEDGER, migrations, statements
+from sinks.migrate import LEDGER, backfill, migrations, statements
 from sinks.rollup_rebuild import rebuild
 from tests.clickhouse_cluster import CLUSTER, clickhouse_cluster
 from tests.test_sinks import enriched, produce
@@ -31,6 +31,9 @@ def test_every_migration_statement_has_a_cluster_form(version: tuple[int, int]) 
     rendered = [LEDGER] + [s for _, _, t in migrations() for s in statements(t, features)]
     for sql in rendered:
         forms = cluster_statements(sql, "c", "db")
+        if (fill := backfill(sql)) is not None:  # once, through the Distributed tables
+            (form,) = cluster_statements(fill, "c", "db")
+            assert form.startswith("INSERT INTO db.") and "\nFROM db.events\n" in form, form
         # A copy runs once, through the Distributed tables; everything else on every replica.
         assert all(
             " ON CLUSTER c " in f"{form} " or form.startswith("INSERT INTO ") for form in forms

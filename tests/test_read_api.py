@@ -50,14 +50,15 @@ SENT = [
 ]
 
 
-def expected_stats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per UTC day: distinct event_ids, anonymous_ids and non-empty user_ids of `rows`."""
+def expected_stats(rows: list[dict[str, Any]], hourly: bool = False) -> list[dict[str, Any]]:
+    """Per UTC day (or hour): distinct event_ids, anonymous_ids and non-empty user_ids."""
     days: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        days.setdefault(row["timestamp"][:10], []).append(row)
+        days.setdefault(row["timestamp"][:13] if hourly else row["timestamp"][:10], []).append(row)
+    start = ":00:00+00:00" if hourly else "T00:00:00+00:00"
     return [
         {
-            "start": f"{day}T00:00:00+00:00",
+            "start": day + start,
             "events": len({r["event_id"] for r in group}),
             "visitors": len({r["anonymous_id"] for r in group}),
             "users": len({r["user_id"] for r in group if r.get("user_id")}),
@@ -132,6 +133,12 @@ def test_counts_equal_the_rows_sent_after_a_redelivery(
     rk.until("/v1/stats", expected_stats(SENT), "buckets", **{"from": FROM, "to": TO})
     hourly = rk.get("/v1/stats", **{"from": FROM, "to": TO, "interval": "hour"}).json()
     assert sum(b["events"] for b in hourly["buckets"]) == len(SENT)
+    assert hourly["buckets"] == expected_stats(SENT, hourly=True)
+    # Paris days (whole hours off UTC) come from the rollup too; every event is 10:xx UTC.
+    paris = rk.get("/v1/stats", **{"from": FROM, "to": TO, "tz": "Europe/Paris"}).json()
+    assert [(b["start"][:10], b["events"], b["visitors"]) for b in paris["buckets"]] == [
+        (b["start"][:10], b["events"], b["visitors"]) for b in expected_stats(SENT)
+    ]
     sk = Reader(pipeline, pipeline.key)  # sk_ keys read too
     assert sk.get("/v1/stats", **{"from": FROM, "to": TO}).json()["buckets"] == expected_stats(SENT)
     StatsAnswer.model_validate(hourly)
@@ -259,9 +266,12 @@ def test_after_a_forget_the_person_is_gone_from_sources_and_events(
     ]
     assert sum(r["sessions"] for r in rows) == 3 and sum(r["conversions"] for r in rows) == 1
     by_hour = rk.get("/v1/stats", **span, interval="hour", tz="UTC").json()["buckets"]
-    assert sum(b["events"] for b in by_hour) == len(kept)
-    # The daily rollup keeps its counts (README: what forget covers): states, not rows.
-    assert rk.get("/v1/stats", **span).json()["buckets"] == expected_stats(SENT)
+    assert by_hour == expected_stats(kept, hourly=True)
+    # hourly_rollup's hours of the person were rebuilt from the events left: daily counts too.
+    by_day = rk.get("/v1/stats", **span, interval="day", tz="UTC").json()["buckets"]
+    assert by_day == expected_stats(kept)
+    signups = rk.get("/v1/stats", **span, event="signup", tz="UTC").json()["buckets"]
+    assert sum(b["events"] for b in signups) == 1
 
 
 def test_answers_are_cached_and_without_a_store_reads_are_503(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from processors.classify import Classifier, default_classifier, run_classify_cli
-from processors.referrers import HAND, LISTS_PATH, REFERRERS_PATH, Referrers
+from processors.referrers import CATEGORIES, HAND, LISTS_PATH, REFERRERS_PATH, Known, Referrers
 
 SITE = "https://shop.example/"
 DATA = Path(__file__).parents[1] / "processors" / "referrer_data"
@@ -84,7 +85,13 @@ def test_snowplow_documented_referrers(clf: Classifier, referrer: str, channel: 
         ("https://app.jasper.ai/", "AI Assistants", "jasper"),
         ("https://app.writesonic.com/", "AI Assistants", "writesonic"),
         ("https://yiyan.baidu.com/", "AI Assistants", "baidu_ai"),
+        # Snowplow "unknown": sites it knows that carry no channel stay Referral, named.
+        ("https://maps.google.com/maps?q=x", "Referral", "google"),
+        ("https://news.yahoo.com/x", "Referral", "yahoo"),
+        ("https://maps.yandex.ru/", "Referral", "yandex_maps"),
         # GA4 source categories (rows of the CSV).
+        ("https://www.360.cn/", "Organic Search", "so360"),  # named by our "360" alias
+        ("https://biglobe.ne.jp/", "Organic Search", "biglobe"),
         ("https://iq.com/play/x", "Organic Video", "iq.com"),
         ("https://d.tube/", "Organic Video", "d.tube"),
         ("https://www.academia.edu/123", "Organic Social", "academia.edu"),
@@ -137,6 +144,42 @@ def test_android_app_ids_from_lists(clf: Classifier, app: str, channel: str, sou
 
 
 @pytest.mark.parametrize(
+    ("app", "channel", "source"),
+    [
+        # App ids of PostHog's channel definitions (GA4's list with apps), in no other list.
+        ("com.instagram.lite", "Organic Social", "instagram"),
+        ("com.linkedin.android.learning", "Organic Social", "linkedin"),
+        ("com.quoord.tapatalk", "Organic Social", "com.quoord.tapatalk"),
+        ("com.google.android.apps.youtube.music", "Organic Video", "youtube"),
+        ("tv.twitch.android.app", "Organic Video", "twitch"),
+        ("in.amazon.mshop.android.shopping", "Organic Shopping", "amazon"),
+        ("com.etsy.android", "Organic Shopping", "etsy"),
+        ("ru.yandex.mobile.search", "Organic Search", "yandex"),
+        ("com.microsoft.outlooklite", "Email", "com.microsoft.outlooklite"),
+        ("com.apple.mobilemail", "Email", "com.apple.mobilemail"),
+    ],
+)
+def test_posthog_app_ids(clf: Classifier, app: str, channel: str, source: str) -> None:
+    c = clf.classify(SITE, f"android-app://{app}/")
+    assert (c.channel, c.source) == (channel, source), c.why
+    assert "PostHog channel definitions" in c.why
+
+
+@pytest.mark.parametrize(
+    ("source", "medium", "channel"),
+    [
+        # GA4's Paid Shopping / Paid Video over an app id PostHog lists as shopping / video.
+        ("com.shopify.mobile", "cpc", "Paid Shopping"),
+        ("com.netflix.mediaclient", "paid", "Paid Video"),
+        ("com.pinterest.lite", "cpc", "Paid Social"),
+    ],
+)
+def test_posthog_app_ids_in_utm(clf: Classifier, source: str, medium: str, channel: str) -> None:
+    c = clf.classify(f"{SITE}?utm_source={source}&utm_medium={medium}", None)
+    assert c.channel == channel, c.why
+
+
+@pytest.mark.parametrize(
     ("host", "pattern"),
     [
         ("mail.isp.example", "mail.*"),
@@ -162,25 +205,61 @@ def test_patterns_come_after_the_lists(clf: Classifier) -> None:
     assert clf.classify(SITE, "https://my.mail.ru/").channel == "Organic Social"
 
 
+def _lookup(refs: Referrers, kind: str, key: str) -> Known | None:
+    """What the tables give for a list-style key: a stem under one ccTLD, an alias or a host."""
+    if kind == "wildcards":
+        return refs.lookup_host(f"{key}.de")
+    return refs.lookup_source(key) if kind == "aliases" else refs.lookup_host(key)
+
+
 def test_every_hand_kept_entry_wins() -> None:
-    from processors.referrer_import import _ga4, _key, _matomo, _snowplow
+    from processors.referrer_import import _key, groups
 
     refs, hand = Referrers(), Referrers(REFERRERS_PATH, lists_path=None)
     checked = 0
-    for group in (*_snowplow(), *_matomo(), *_ga4()):
+    for group in groups():
         for entry in group.entries:
             if (parsed := _key(entry)) is None or (known := hand.hand_entry(*parsed)) is None:
                 continue
-            kind, key = parsed
-            if kind == "wildcards":
-                got = refs.lookup_host(f"{key}.de")
-            elif kind == "aliases":
-                got = refs.lookup_source(key)
-            else:
-                got = refs.lookup_host(key)
-            assert got == known, (group, entry)
+            assert _lookup(refs, *parsed) == known, (group, entry)
             checked += 1
     assert checked > 300  # e.g. mail.yandex.ru: Email here, SOURCE_CATEGORY_SEARCH in GA4's list
+
+
+def test_every_hand_kept_line_wins_and_says_why() -> None:
+    # Every entry of every referrers.toml line (listed or not) and every app id resolves to
+    # that line's source with the lists loaded; every line has its reason, and a line that
+    # changes the category a list gives one of its keys says which list it overrides.
+    from processors.referrer_import import LISTS, _key, groups
+
+    table = tomllib.loads(REFERRERS_PATH.read_text("utf-8"))
+    refs = Referrers()
+    listed: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for group in groups():
+        for entry in group.entries:
+            if (parsed := _key(entry)) is not None:
+                listed.setdefault(parsed, set()).add((group.list, group.category))
+    overrides = 0
+    for category in CATEGORIES:
+        for name, line in table[category].items():
+            why = refs.reasons[name]
+            assert why == line["why"] and len(why) >= 10, name
+            for entry in (name, *line["entries"]):
+                kind, key = _key(entry.replace(".*", ".{}")) or ("", "")
+                assert _lookup(refs, kind, key) == Known(name, category), (name, entry)
+                others = {lid for lid, cat in listed.get((kind, key), ()) if cat != category}
+                if kind == "wildcards":
+                    others |= {lid for lid, cat in listed.get(("hosts", f"{key}.com"), ())
+                               if cat != category}  # fmt: skip
+                for lid in others:
+                    assert why.startswith("overrides") and LISTS[lid].split()[0] in why, (
+                        name, entry, lid, why)  # fmt: skip
+                    overrides += 1
+    for app, line in table["apps"].items():
+        assert len(refs.reasons[app.lower()]) >= 10, app
+        resolved = refs.resolve("android-app", app)
+        assert resolved is not None and resolved.source == line["source"], (app, resolved)
+    assert overrides >= 15  # e.g. youtube.com: social in Snowplow and Matomo, video here
 
 
 def test_every_list_entry_is_reachable() -> None:
