@@ -2,6 +2,7 @@
 
 millimetric dev                      the whole pipeline, embedded
 millimetric gateway|processor|sink   one stage (production: one process each, scaled apart)
+millimetric destinations run         forward enriched events to PostHog, Mixpanel, Amplitude...
 millimetric keys create|list|revoke  API keys
 millimetric keys limits              a project's rate limit on one route
 millimetric hooks create|list|rotate|revoke   webhook receivers (Stripe, GitHub, Shopify, ...)
@@ -83,6 +84,13 @@ def cmd_processor(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_sink(settings: Settings, args: argparse.Namespace) -> int:
     from sinks.app import serve
+
+    asyncio.run(serve(settings, _bootstrap(settings)))
+    return 0
+
+
+def cmd_destinations(settings: Settings, args: argparse.Namespace) -> int:
+    from sinks.destinations.app import serve
 
     asyncio.run(serve(settings, _bootstrap(settings)))
     return 0
@@ -372,6 +380,11 @@ def parser() -> argparse.ArgumentParser:
     gw.set_defaults(run=cmd_gateway)
     sub.add_parser("processor", help="run a processor worker").set_defaults(run=cmd_processor)
     sub.add_parser("sink", help="run a ClickHouse sink").set_defaults(run=cmd_sink)
+    dest = sub.add_parser("destinations", help="forward enriched events to other tools")
+    dest_commands = dest.add_subparsers(dest="destinations_command", required=True)
+    dest_commands.add_parser(
+        "run", help="run every destination configured (README, Destinations)"
+    ).set_defaults(run=cmd_destinations)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys.set_defaults(run=cmd_keys)

@@ -156,6 +156,11 @@ encode = orjson.dumps
 decode = orjson.loads
 
 
+def enriched_events(value: bytes) -> list[EnrichedEvent]:
+    """The events one enriched-topic record value holds."""
+    return [decode(value)]
+
+
 class ApiKeyRecord(TypedDict):
     """One API key on the keys topic: only its hash is stored, never the key."""
 
