@@ -274,8 +274,7 @@ class Runners:
                    self.erasures, group_id=f"{self.group}-{d.name}")
             for d in configured(self.settings)
         ]  # fmt: skip
-        for r in self.runners:
-            await r.start()
+        await asyncio.gather(*(r.start() for r in self.runners))
         self.tasks = [asyncio.ensure_future(r.run(self.stop)) for r in self.runners]
         return self
 
@@ -341,3 +340,24 @@ async def dead_letters(bootstrap: str, provider: str, event_id: str) -> list[dic
         return found
     finally:
         await consumer.stop()
+
+
+async def test_a_provider_down_holds_back_only_itself_and_catches_up_without_loss(
+    broker: str, receiver: Receiver
+) -> None:
+    await ensure_topics(broker)
+    receiver.down.add("amplitude")
+    events = [enriched(anonymous_id=f"d{i % 5}") for i in range(30)]
+    expected = {insert_id(e["event_id"]) for e in events}
+    others = ("posthog", "mixpanel", "webhook")
+    async with Runners(runner_settings(receiver), broker, ErasureFilter()):
+        await produce(broker, events)
+        await wait_until(lambda: all(expected <= set(receiver.accepted.get(p, {})) for p in others))
+        await wait_until(lambda: len(receiver.of("amplitude")) >= 4)  # past its attempts: paused
+        assert not expected & set(receiver.accepted.get("amplitude", {}))
+        receiver.down.clear()
+        await wait_until(lambda: expected <= set(receiver.accepted.get("amplitude", {})))
+    for p in PROVIDERS:
+        assert {n for k, n in receiver.accepted[p].items() if k in expected} == {1}, p
+    retried = [r for r in receiver.of("amplitude") if r.status == 503]
+    assert retried and all(r.events() for r in retried)

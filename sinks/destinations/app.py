@@ -95,8 +95,7 @@ async def serve(settings: Settings, bootstrap: str) -> None:
             Runner(d, settings, bootstrap, security, client, producer, erasures)
             for d in destinations
         ]
-        for runner in runners:
-            await runner.start()
+        await asyncio.gather(*(runner.start() for runner in runners))  # each joins apart
         set_serving("destinations", True)
         watch_in_thread(bootstrap, names, "destinations", settings)
         log.info("destinations running: %s", ", ".join(names))
