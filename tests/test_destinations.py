@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import SecretStr
 
+from bench.services import Proc
 from ingest.records import EnrichedEvent
 from ingest.retry import retrying
 from ingest.settings import Settings
@@ -31,7 +33,9 @@ from sinks.destinations.runner import Runner
 from sinks.destinations.webhook import Webhook
 from sinks.erasure_filter import ErasureFilter
 from tests.destination_receiver import POISON, Receiver, running_receiver
+from tests.services import Pipeline
 
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 PROVIDERS = ("posthog", "mixpanel", "amplitude", "webhook")
 # The receiver's message when it refuses the poison event, as each provider words it.
 REFUSAL = {
@@ -361,3 +365,80 @@ async def test_a_provider_down_holds_back_only_itself_and_catches_up_without_los
         assert {n for k, n in receiver.accepted[p].items() if k in expected} == {1}, p
     retried = [r for r in receiver.of("amplitude") if r.status == 503]
     assert retried and all(r.events() for r in retried)
+
+
+def post_as_a_browser(pipeline: Pipeline, body: dict[str, Any]) -> list[str]:
+    """POST a batch with a browser's User-Agent (an HTTP library's is a bot's, never forwarded),
+    again after Retry-After while the gateway answers 503; its event ids."""
+    headers = {"Authorization": f"Bearer {pipeline.key}", "User-Agent": BROWSER}
+    while True:
+        r = httpx.post(f"{pipeline.base_url}/v1/batch", json=body, headers=headers, timeout=30)
+        if r.status_code != 503:
+            assert r.status_code == 202, r.text
+            return list(r.json()["event_ids"])
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+
+
+@pytest.mark.slow
+def test_the_pipeline_feeds_every_destination_once_while_one_is_down_and_clickhouse_flows(
+    fresh_broker: str, data_dir: Path
+) -> None:
+    """Chaos: Amplitude answers 503 while 1,000 events cross the pipeline; ClickHouse and the
+    other destinations get them all meanwhile, Amplitude every one once it is back, and the one
+    event each provider refuses is dead-lettered alone."""
+    with running_receiver() as receiver:
+        receiver.down.add("amplitude")
+        env = {
+            "MILLIMETRIC_POSTHOG_API_KEY": "phc_key",
+            "MILLIMETRIC_POSTHOG_HOST": receiver.url("posthog"),
+            "MILLIMETRIC_MIXPANEL_TOKEN": "mp_token",
+            "MILLIMETRIC_MIXPANEL_API_SECRET": "mps",
+            "MILLIMETRIC_MIXPANEL_HOST": receiver.url("mixpanel"),
+            "MILLIMETRIC_AMPLITUDE_API_KEY": "amp_key",
+            "MILLIMETRIC_AMPLITUDE_HOST": receiver.url("amplitude"),
+            "MILLIMETRIC_TRACKING_WEBHOOK_URL": receiver.url("webhook") + "/in",
+            "MILLIMETRIC_TRACKING_WEBHOOK_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "MILLIMETRIC_DESTINATIONS_BATCH_SECONDS": "0.5",
+            "MILLIMETRIC_DESTINATIONS_ATTEMPTS": "3",
+            "MILLIMETRIC_DESTINATIONS_RETRY_MAX_S": "1",
+            "MILLIMETRIC_DESTINATIONS_PAUSE_S": "1",
+        }
+        pipeline = Pipeline(fresh_broker, None, data_dir, extra_env=env)
+        pipeline.stages["destinations"] = Proc(
+            ["-m", "ingest.cli", "destinations", "run"],
+            pipeline.env,
+            data_dir / "destinations.log",
+        )
+        try:
+            pipeline.start()
+            body = {
+                "events": [
+                    {"event": POISON if i == 500 else "page",
+                     "anonymous_id": f"v{i % 37}"}
+                    for i in range(1000)
+                ]
+            }  # fmt: skip
+            ids = post_as_a_browser(pipeline, body)
+            pipeline.wait_for("SELECT count() FROM events", "1000\n", timeout=120)
+            poison = insert_id(ids[500])
+            expected = {insert_id(i) for i in ids} - {poison}
+            others = ("posthog", "mixpanel", "webhook")
+            deadline = time.monotonic() + 120
+            while not all(expected <= set(receiver.accepted.get(p, {})) for p in others):
+                assert time.monotonic() < deadline, {
+                    p: len(receiver.accepted.get(p, {})) for p in PROVIDERS
+                }
+                time.sleep(0.3)
+            assert receiver.of("amplitude") and not receiver.accepted.get("amplitude")
+            receiver.down.clear()
+            while not expected <= set(receiver.accepted.get("amplitude", {})):
+                assert time.monotonic() < deadline + 60, "amplitude did not catch up"
+                time.sleep(0.3)
+            letters = {p: asyncio.run(dead_letters(fresh_broker, p, ids[500])) for p in PROVIDERS}
+        finally:
+            pipeline.stages["destinations"].stop()
+            pipeline.stop()
+    for p in PROVIDERS:
+        assert set(receiver.accepted[p]) == expected, p
+        assert set(receiver.accepted[p].values()) == {1}, p
+        assert [r["record"]["event_id"] for r in letters[p]] == [ids[500]], p

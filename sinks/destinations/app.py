@@ -78,7 +78,7 @@ async def serve(settings: Settings, bootstrap: str) -> None:
         return await asyncio.to_thread(_load_suppressions, settings, erasures)
 
     # Suppressions outlive the erasures topic: nothing is forwarded before they are known.
-    await retrying("destinations_suppressions", suppressions, max_delay_s=10.0)
+    await retrying("destinations_suppressions", suppressions, max_delay_s=2.0)
     follower = asyncio.ensure_future(follow(bootstrap, erasures, stop, security=security))
     await asyncio.wait({follower, asyncio.ensure_future(erasures.ready.wait())},
                        return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
