@@ -140,7 +140,7 @@ def collect(urls: dict[str, str]) -> dict[str, Any]:
             and s.labels["operation"] == "clickhouse_insert"
         ),
         "lag": lag,
-        "destinations": _destinations(samples),
+        "destinations": destination_figures(samples),
         "freshness_seconds": {
             "p50": quantile(0.5, samples, "millimetric_freshness_seconds"),
             "p99": quantile(0.99, samples, "millimetric_freshness_seconds"),
@@ -156,7 +156,7 @@ def collect(urls: dict[str, str]) -> dict[str, Any]:
     return status
 
 
-def _destinations(samples: Iterable[Sample]) -> dict[str, dict[str, float]]:
+def destination_figures(samples: Iterable[Sample]) -> dict[str, dict[str, float]]:
     """Per destination: events its provider accepted, and events it dead-lettered."""
     out: dict[str, dict[str, float]] = {}
     for s in samples:

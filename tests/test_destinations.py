@@ -442,3 +442,22 @@ def test_the_pipeline_feeds_every_destination_once_while_one_is_down_and_clickho
         assert set(receiver.accepted[p]) == expected, p
         assert set(receiver.accepted[p].values()) == {1}, p
         assert [r["record"]["event_id"] for r in letters[p]] == [ids[500]], p
+
+
+def test_status_reads_the_destinations_only_where_their_metrics_are(tmp_path: Path) -> None:
+    from ingest import status
+
+    assert "destinations" not in status.metrics_urls(Settings(data_dir=tmp_path))
+    urls = status.metrics_urls(Settings(data_dir=tmp_path, destinations_metrics_port=9109))
+    assert urls["destinations"] == "http://127.0.0.1:9109/metrics"
+    names = [s["name"] for s in status.collect({"destinations": "http://127.0.0.1:9/m"})["stages"]]
+    assert names == ["gateway", "processor", "sink", "destinations"]
+    samples = [
+        status.Sample("millimetric_destination_events_sent_total", {"destination": "posthog"}, 7),
+        status.Sample(
+            "millimetric_destination_events_failed_total",
+            {"destination": "posthog", "reason": "rejected"},
+            1,
+        ),
+    ]
+    assert status.destination_figures(samples) == {"posthog": {"sent": 7, "failed": 1}}

@@ -40,7 +40,10 @@ class _SinkEndpoint:
 
     def query_tsv(self, sql: str) -> str:
         """One read query's TSV."""
-        return query_endpoint(self.data_dir, sql)
+        try:
+            return query_endpoint(self.data_dir, sql)
+        except FileNotFoundError:
+            raise OSError("no sink serves the embedded store yet: waiting for it") from None
 
 
 def _load_suppressions(settings: Settings, erasures: ErasureFilter) -> int:
