@@ -175,6 +175,21 @@ def test_requests_carry_what_the_official_sdks_send_where_they_send_it(
     )
 
 
+def test_without_an_api_secret_mixpanel_gets_what_its_sdk_sends_to_the_track_api(
+    receiver: Receiver,
+) -> None:
+    import mixpanel
+
+    consumer = mixpanel.BufferedConsumer(events_url=receiver.url("mixpanel") + "/track", max_size=1)
+    mixpanel.Mixpanel("mp_token", consumer=consumer).track("user_42", "signup", {"plan": "free"})
+    assert send(Mixpanel("mp_token", receiver.url("mixpanel"), None), [enriched()]).is_success
+    theirs, ours = receiver.of("mixpanel")
+    assert ours.path == theirs.path == "/mixpanel/track"
+    assert "authorization" not in ours.headers
+    assert contained(shape(theirs.payload()), shape(ours.payload())) == []
+    assert ours.payload()[0]["properties"]["time"] == 1_700_000_000.123  # seconds, as /track takes
+
+
 def test_a_webhook_batch_is_signed_the_standard_webhooks_way(receiver: Receiver) -> None:
     from standardwebhooks import Webhook as Verifier
 

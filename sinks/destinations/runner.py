@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError
 
 from ingest.heartbeat import is_heartbeat
 from ingest.lag import destination_group
@@ -174,8 +175,14 @@ class Runner:
                 self.consumer.resume(*paused)
         owned = self.consumer.assignment()
         mine = {tp: offset for tp, offset in offsets.items() if tp in owned}
-        if mine:
+        if not mine:
+            return
+        try:
             await self.consumer.commit(mine)
+        except CommitFailedError as error:  # a rebalance: the new owner sends them again
+            log.warning(
+                "%s: offsets not committed (%r); providers drop the repeats", self.name, error
+            )
 
     async def _deliver(self, events: list[EnrichedEvent]) -> None:
         """Send until the provider has taken or refused every event."""
