@@ -144,7 +144,7 @@ class Runner:
         for event in events:
             if is_heartbeat(event):
                 continue
-            if event["is_bot"]:
+            if event.get("is_bot"):
                 DESTINATION_SKIPPED.labels(self.name, "bot").inc()
             elif event.get("env") == "test" and not self.settings.destinations_include_test:
                 DESTINATION_SKIPPED.labels(self.name, "test").inc()
