@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
 from bench.services import Proc
@@ -255,17 +256,23 @@ def runner_settings(receiver: Receiver, **extra: Any) -> Settings:
     )
 
 
-async def produce(bootstrap: str, events: list[EnrichedEvent]) -> None:
-    """Put enriched records on the enriched topic, as the processor does."""
+async def produce(bootstrap: str, events: list[EnrichedEvent]) -> list[tuple[TopicPartition, int]]:
+    """Put enriched records on the enriched topic, as the processor does; where they went."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
-        for e in events:
-            key = f"{e['project']}:{e['anonymous_id']}".encode()
-            await producer.send(topic("enriched").name, orjson.dumps(e), key=key)
-        await producer.flush()
+        sent = [
+            await producer.send(
+                topic("enriched").name,
+                orjson.dumps(e),
+                key=f"{e['project']}:{e['anonymous_id']}".encode(),
+            )
+            for e in events
+        ]
+        written = [await f for f in sent]
     finally:
         await producer.stop()
+    return [(TopicPartition(m.topic, m.partition), m.offset) for m in written]
 
 
 async def wait_until(check: Any, timeout: float = 90) -> None:
@@ -279,9 +286,15 @@ async def wait_until(check: Any, timeout: float = 90) -> None:
 class Runners:
     """Every destination's runner in this process, each in a consumer group of this test's."""
 
-    def __init__(self, settings: Settings, bootstrap: str, erasures: ErasureFilter) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        erasures: ErasureFilter,
+        group: str | None = None,
+    ) -> None:
         self.settings, self.bootstrap, self.erasures = settings, bootstrap, erasures
-        self.group = f"test-{uuid.uuid4().hex[:8]}"
+        self.group = group or f"test-{uuid.uuid4().hex[:8]}"
         self.stop = asyncio.Event()
 
     async def __aenter__(self) -> Runners:
@@ -476,3 +489,32 @@ def test_status_reads_the_destinations_only_where_their_metrics_are(tmp_path: Pa
         ),
     ]
     assert status.destination_figures(samples) == {"posthog": {"sent": 7, "failed": 1}}
+
+
+async def test_a_destination_stopped_while_its_provider_is_down_commits_nothing_it_holds(
+    broker: str, receiver: Receiver
+) -> None:
+    """What a provider never accepted is read again at the next start: its offsets stay put."""
+    await ensure_topics(broker)
+    receiver.down.add("webhook")
+    events = [enriched() for _ in range(12)]
+    settings = Settings(
+        tracking_webhook_url=receiver.url("webhook") + "/in",
+        destinations_batch_seconds=0.3,
+        destinations_retry_max_s=0.5,
+        destinations_pause_s=0.5,
+    )
+    async with Runners(settings, broker, ErasureFilter()) as runners:
+        written = await produce(broker, events)
+        await wait_until(lambda: len(receiver.of("webhook")) >= 3)  # retried, then paused
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(
+            f"{runners.group}-webhook", partitions=sorted({tp for tp, _ in written})
+        )
+    finally:
+        await admin.close()
+    for tp, offset in written:
+        meta = committed.get(tp)
+        assert meta is None or meta.offset <= offset, (tp, offset, meta)

@@ -162,9 +162,14 @@ class Runner:
             paused = self.consumer.assignment()
             self.consumer.pause(*paused)
             task = asyncio.ensure_future(self._deliver(events))
+            stopping = asyncio.ensure_future(stop.wait())
             try:
                 while not task.done():
-                    await asyncio.wait({task}, timeout=POLL_WHILE_SENDING_S)
+                    await asyncio.wait(
+                        {task, stopping},
+                        timeout=POLL_WHILE_SENDING_S,
+                        return_when="FIRST_COMPLETED",
+                    )
                     if stop.is_set() and not task.done():
                         task.cancel()
                         raise _Stopped
@@ -172,6 +177,7 @@ class Runner:
                         await self.consumer.getmany(timeout_ms=0)
                 await task
             finally:
+                stopping.cancel()
                 self.consumer.resume(*paused)
         owned = self.consumer.assignment()
         mine = {tp: offset for tp, offset in offsets.items() if tp in owned}
