@@ -292,8 +292,23 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
         status["reason"] = reason
     if status["status"] == "done":
         status["duration_ms"] = status["completed_at_ms"] - status["requested_at_ms"]
+    if settings.destinations():
+        status["destinations"] = _forget_destinations(settings, forget_id)
     print(json.dumps(status))
     return 0
+
+
+def _forget_destinations(settings: Settings, forget_id: str) -> dict[str, Any]:
+    """Each destination's outcome of a forget (PostHog, Mixpanel, Amplitude deletion)."""
+    from ingest.dev import running_dev_bootstrap
+    from ingest.kafka_connection import security_options
+    from sinks.destinations.forgets import outcomes
+
+    bootstrap = settings.kafka_bootstrap_servers or running_dev_bootstrap(settings.data_dir)
+    if bootstrap is None:
+        return {}
+    found = asyncio.run(outcomes(bootstrap, forget_id, security_options(settings)))
+    return {name: {"status": o["status"], "detail": o["detail"]} for name, o in found.items()}
 
 
 def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:

@@ -344,6 +344,19 @@ class Settings(BaseSettings):
         description="PostHog's ingestion host (`https://eu.i.posthog.com` for the EU cloud, or "
         "a self-hosted PostHog's URL).",
     )
+    posthog_personal_api_key: SecretStr | None = Field(
+        None,
+        description="A PostHog personal API key (`phx_...`, scope person:write) with "
+        "MILLIMETRIC_POSTHOG_PROJECT_ID: forward forgets to PostHog's person deletion.",
+    )
+    posthog_project_id: str | None = Field(
+        None, description="The PostHog project's id, for person deletion."
+    )
+    posthog_app_host: str = Field(
+        "https://us.posthog.com",
+        description="PostHog's app (API) host, for person deletion (`https://eu.posthog.com`, "
+        "or a self-hosted URL).",
+    )
     mixpanel_token: SecretStr | None = Field(
         None,
         description="A Mixpanel project token: forward enriched events to Mixpanel; unset: no "
@@ -358,6 +371,16 @@ class Settings(BaseSettings):
         description="The Mixpanel project's API secret: events go to the import API (any age, "
         "per-event errors); unset: the track API (events up to 5 days old).",
     )
+    mixpanel_gdpr_token: SecretStr | None = Field(
+        None,
+        description="A Mixpanel OAuth token for the GDPR API: forward forgets to Mixpanel's "
+        "data deletion.",
+    )
+    mixpanel_app_host: str = Field(
+        "https://mixpanel.com",
+        description="Mixpanel's app host, for data deletion (`https://eu.mixpanel.com` for EU "
+        "residency).",
+    )
     amplitude_api_key: SecretStr | None = Field(
         None,
         description="An Amplitude project API key: forward enriched events to Amplitude's HTTP "
@@ -366,6 +389,16 @@ class Settings(BaseSettings):
     amplitude_host: str = Field(
         "https://api2.amplitude.com",
         description="Amplitude's API host (`https://api.eu.amplitude.com` for the EU data centre).",
+    )
+    amplitude_secret_key: SecretStr | None = Field(
+        None,
+        description="The Amplitude project's secret key: forward forgets (of identified "
+        "users) to Amplitude's user deletion API.",
+    )
+    amplitude_app_host: str = Field(
+        "https://amplitude.com",
+        description="Amplitude's host for user deletion (`https://analytics.eu.amplitude.com` "
+        "for the EU data centre).",
     )
     tracking_webhook_url: str | None = Field(
         None,

@@ -97,6 +97,15 @@ TOPICS: dict[str, Topic] = {
         "filters them out of its inserts, one sink deletes them. Retention must exceed raw's; "
         "suppressions outlive it in the `suppressions` table.",
     ),
+    "forget_destinations": Topic(
+        "millimetric.forget-destinations",
+        "forget_id:destination",
+        1,
+        True,
+        -1,
+        "Each forget's outcome at each destination with a deletion API (PostHog, Mixpanel, "
+        "Amplitude): `done`, `refused` with the provider's message, or `nothing_to_delete`.",
+    ),
     **{
         f"dead_letter_{name}": Topic(
             f"millimetric.dead-letter.{name}",

@@ -2,7 +2,9 @@
 
 It records every request, answers as each provider does, and can be told to be down (503 with
 Retry-After) or to refuse the events named `poison` the way each provider refuses one event.
-Paths: /posthog/batch/, /mixpanel/import (or /track), /amplitude/2/httpapi, /webhook.
+Paths: /posthog/batch/, /mixpanel/import (or /track), /amplitude/2/httpapi, /webhook, and the
+deletion APIs (PostHog's persons/bulk_delete/, Mixpanel's data-deletions, Amplitude's
+deletions/users), which answer 200.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Received:
         body = self.body
         if self.headers.get("content-encoding") == "gzip":
             body = gzip.decompress(body)
-        if self.provider == "mixpanel":
+        if self.headers.get("content-type") == "application/x-www-form-urlencoded":
             return json.loads(parse_qs(body.decode())["data"][0])
         return json.loads(body)
 
@@ -88,6 +90,8 @@ class Receiver:
             self.requests.append(received)
             if provider in self.down:
                 return 503, {"error": "down"}
+        if "deletions" in received.path or "bulk_delete" in received.path:
+            return 200, {"status": "ok"}
         events = received.events()
         poisoned = [i for i, e in enumerate(events) if event_name(provider, e) == POISON]
         taken = [e for i, e in enumerate(events) if i not in poisoned]

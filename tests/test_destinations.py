@@ -7,6 +7,7 @@ session broker (enriched records put on the topic here); the whole pipeline in t
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,8 +27,9 @@ from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
 from sinks.destinations.amplitude import Amplitude
-from sinks.destinations.configured import configured
+from sinks.destinations.configured import configured, deletions
 from sinks.destinations.contract import Destination, TryLater, insert_id
+from sinks.destinations.forgets import ForgetForwarder, outcomes
 from sinks.destinations.mixpanel import Mixpanel
 from sinks.destinations.posthog import PostHog
 from sinks.destinations.runner import Runner
@@ -518,3 +520,93 @@ async def test_a_destination_stopped_while_its_provider_is_down_commits_nothing_
     for tp, offset in written:
         meta = committed.get(tp)
         assert meta is None or meta.offset <= offset, (tp, offset, meta)
+
+
+async def test_a_forget_reaches_every_destination_with_a_deletion_api(
+    broker: str, receiver: Receiver
+) -> None:
+    await ensure_topics(broker)
+    settings = runner_settings(
+        receiver,
+        posthog_personal_api_key=SecretStr("phx_personal"),
+        posthog_project_id="42",
+        posthog_app_host=receiver.url("posthog"),
+        mixpanel_gdpr_token=SecretStr("gdpr_oauth"),
+        mixpanel_app_host=receiver.url("mixpanel"),
+        amplitude_secret_key=SecretStr("amp_secret"),
+        amplitude_app_host=receiver.url("amplitude"),
+    )
+    identified, anonymous = f"fgt_{uuid.uuid4().hex}", f"fgt_{uuid.uuid4().hex}"
+    erasures = [
+        {"v": 1, "forget_id": identified, "project": "demo", "user_id": "u_gone",
+         "anonymous_ids": ["d_1", "d_2"], "cutoff": 1, "suppress": False, "requested_at": 1},
+        {"v": 1, "forget_id": anonymous, "project": "demo", "user_id": None,
+         "anonymous_ids": ["d_3"], "cutoff": 1, "suppress": False, "requested_at": 1},
+    ]  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    stop = asyncio.Event()
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    async with httpx.AsyncClient() as client:
+        forwarders = [
+            ForgetForwarder(d, settings, broker, {}, client, producer, group_id=f"{group}-{d.name}")
+            for d in deletions(settings)
+        ]
+        try:
+            await asyncio.gather(*(f.start() for f in forwarders))
+            tasks = [asyncio.ensure_future(f.run(stop)) for f in forwarders]
+            for erasure in erasures:
+                await producer.send_and_wait(topic("erasures").name, orjson.dumps(erasure))
+            deadline = time.monotonic() + 60
+            while len(found := await outcomes(broker, anonymous)) < 3:
+                assert time.monotonic() < deadline, found
+            done = await outcomes(broker, identified)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for f in forwarders:
+                await f.stop()
+            await producer.stop()
+    assert {n: o["status"] for n, o in done.items()} == dict.fromkeys(PROVIDERS[:3], "done")
+    assert found["amplitude"]["status"] == "nothing_to_delete"  # it deletes users, not devices
+    sent = {r.provider: r for r in receiver.requests if "delet" in r.path and b"u_gone" in r.body}
+    assert sent["posthog"].path == "/posthog/api/projects/42/persons/bulk_delete/"
+    assert sent["posthog"].headers["authorization"] == "Bearer phx_personal"
+    assert sent["posthog"].payload() == {
+        "distinct_ids": ["u_gone", "d_1", "d_2"],
+        "delete_events": True,
+    }
+    assert sent["mixpanel"].query == {"token": ["mp_token"]}
+    assert sent["mixpanel"].headers["authorization"] == "Bearer gdpr_oauth"
+    assert sent["mixpanel"].payload()["distinct_ids"] == ["u_gone", "d_1", "d_2"]
+    assert (
+        sent["amplitude"].headers["authorization"]
+        == "Basic " + base64.b64encode(b"amp_key:amp_secret").decode()
+    )
+    assert sent["amplitude"].payload()["user_ids"] == ["u_gone"]
+
+
+def test_forget_status_names_each_destinations_outcome(broker: str) -> None:
+    from ingest.cli import _forget_destinations
+
+    asyncio.run(ensure_topics(broker, roles=["forget_destinations"]))
+    forget_id = f"fgt_{uuid.uuid4().hex}"
+
+    async def record() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await producer.start()
+        try:
+            for name, status in (("posthog", "refused"), ("posthog", "done")):
+                outcome = {"forget_id": forget_id, "destination": name, "status": status,
+                           "detail": "", "project": "demo", "v": 1, "at": 1}  # fmt: skip
+                await producer.send_and_wait(
+                    topic("forget_destinations").name, orjson.dumps(outcome)
+                )
+        finally:
+            await producer.stop()
+
+    asyncio.run(record())
+    settings = Settings(kafka_bootstrap_servers=broker, posthog_api_key=SecretStr("phc"))
+    assert _forget_destinations(settings, forget_id) == {
+        "posthog": {"status": "done", "detail": ""}  # the latest outcome
+    }

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from ingest.records import EnrichedEvent
+from ingest.records import EnrichedEvent, Erasure
 from sinks.destinations.contract import (
     Answer,
     enriched_properties,
@@ -89,3 +89,25 @@ class Amplitude:
             if rejected
             else Answer(batch_error=message(response))
         )
+
+
+class AmplitudeDeletion:
+    """Amplitude's user deletion: `POST {app host}/api/2/deletions/users` (basic auth with the
+    API key and secret key). Amplitude deletes by user id: a person never identified has none."""
+
+    name = "amplitude"
+
+    def __init__(self, api_key: str, secret_key: str, app_host: str) -> None:
+        self.auth = httpx.BasicAuth(api_key, secret_key)
+        self.url = f"{app_host.rstrip('/')}/api/2/deletions/users"
+
+    def request(self, erasure: Erasure) -> httpx.Request | None:
+        """The person's user id (None without one)."""
+        if not erasure["user_id"]:
+            return None
+        request = json_request(
+            self.url,
+            {"user_ids": [erasure["user_id"]], "requester": "millimetric",
+             "ignore_invalid_id": "True"},
+        )  # fmt: skip
+        return next(self.auth.auth_flow(request))

@@ -1,4 +1,5 @@
-"""`millimetric destinations`: every configured destination in one process, apart from the sink.
+"""`millimetric destinations`: every configured destination in one process, apart from the sink,
+and the forwarding of forgets to their deletion APIs (sinks/destinations/forgets.py).
 
 Each destination is its own task with its own consumer group, HTTP connections and batch, so a
 slow or failing provider holds back nobody else; the process is apart from the sink, so no
@@ -24,7 +25,8 @@ from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import ensure_topics
 from sinks.clickhouse import open_configured
-from sinks.destinations.configured import configured
+from sinks.destinations.configured import configured, deletions
+from sinks.destinations.forgets import ForgetForwarder
 from sinks.destinations.runner import Runner
 from sinks.erasure_filter import ErasureFilter, follow
 from sinks.sql_endpoint import query_endpoint
@@ -71,7 +73,7 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     await ensure_topics(
         bootstrap,
         settings.kafka_replication_factor,
-        ["enriched", "erasures", *(f"dead_letter_{n}" for n in names)],
+        ["enriched", "erasures", "forget_destinations", *(f"dead_letter_{n}" for n in names)],
         min_insync_replicas=settings.kafka_min_insync_replicas,
         security=security,
     )
@@ -98,14 +100,18 @@ async def serve(settings: Settings, bootstrap: str) -> None:
             Runner(d, settings, bootstrap, security, client, producer, erasures)
             for d in destinations
         ]
-        await asyncio.gather(*(runner.start() for runner in runners))  # each joins apart
+        forwarders = [
+            ForgetForwarder(d, settings, bootstrap, security, client, producer)
+            for d in deletions(settings)
+        ]
+        await asyncio.gather(*(x.start() for x in (*runners, *forwarders)))  # each joins apart
         set_serving("destinations", True)
         watch_in_thread(bootstrap, names, "destinations", settings)
         log.info("destinations running: %s", ", ".join(names))
         try:
-            await asyncio.gather(*(r.run(stop) for r in runners), follower)
+            await asyncio.gather(*(x.run(stop) for x in (*runners, *forwarders)), follower)
         finally:
             set_serving("destinations", False)
-            for runner in runners:
-                await runner.stop()
+            for x in (*runners, *forwarders):
+                await x.stop()
             await producer.stop()

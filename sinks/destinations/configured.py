@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ingest.settings import Settings
-from sinks.destinations.amplitude import Amplitude
-from sinks.destinations.contract import Destination
-from sinks.destinations.mixpanel import Mixpanel
-from sinks.destinations.posthog import PostHog
+from sinks.destinations.amplitude import Amplitude, AmplitudeDeletion
+from sinks.destinations.contract import Deletion, Destination
+from sinks.destinations.mixpanel import Mixpanel, MixpanelDeletion
+from sinks.destinations.posthog import PostHog, PostHogDeletion
 from sinks.destinations.webhook import Webhook
 
 
@@ -31,4 +31,24 @@ def configured(settings: Settings) -> list[Destination]:
                 secret.get_secret_value() if secret else None,
             )
         )
+    return found
+
+
+def deletions(settings: Settings) -> list[Deletion]:
+    """The deletion APIs forgets are forwarded to: a destination's, when its deletion
+    credentials are set too."""
+    s = settings
+    found: list[Deletion] = []
+    if s.posthog_api_key and s.posthog_personal_api_key and s.posthog_project_id:
+        key = s.posthog_personal_api_key.get_secret_value()
+        found.append(PostHogDeletion(key, s.posthog_project_id, s.posthog_app_host))
+    if s.mixpanel_token and s.mixpanel_gdpr_token:
+        token, gdpr = s.mixpanel_token.get_secret_value(), s.mixpanel_gdpr_token.get_secret_value()
+        found.append(MixpanelDeletion(token, gdpr, s.mixpanel_app_host))
+    if s.amplitude_api_key and s.amplitude_secret_key:
+        key, secret = (
+            s.amplitude_api_key.get_secret_value(),
+            s.amplitude_secret_key.get_secret_value(),
+        )
+        found.append(AmplitudeDeletion(key, secret, s.amplitude_app_host))
     return found

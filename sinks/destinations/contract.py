@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from ingest.records import EnrichedEvent
+from ingest.records import EnrichedEvent, Erasure
 from sinks.batch import EVENT_FIELDS
 
 # Our event ids become UUIDs in this namespace: the same event always gets the same insert id, so
@@ -61,6 +61,22 @@ class Destination(Protocol):
     def answer(self, response: httpx.Response, events: Sequence[EnrichedEvent]) -> Answer:
         """Read a non-retryable answer (2xx or 4xx)."""
         ...
+
+
+class Deletion(Protocol):
+    """A provider's deletion API: a forget forwarded."""
+
+    name: str
+
+    def request(self, erasure: Erasure) -> httpx.Request | None:
+        """The request that deletes the forgotten person (None: nothing this provider can
+        delete, such as Amplitude's users for a person never identified)."""
+        ...
+
+
+def person_ids(erasure: Erasure) -> list[str]:
+    """Every id a forgotten person was known by: their user id, then their devices."""
+    return [*([erasure["user_id"]] if erasure["user_id"] else []), *erasure["anonymous_ids"]]
 
 
 def insert_id(event_id: str) -> str:

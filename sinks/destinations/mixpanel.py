@@ -15,12 +15,14 @@ from typing import Any
 import httpx
 import orjson
 
-from ingest.records import EnrichedEvent
+from ingest.records import EnrichedEvent, Erasure
 from sinks.destinations.contract import (
     Answer,
     enriched_properties,
     insert_id,
+    json_request,
     message,
+    person_ids,
     properties,
 )
 
@@ -92,3 +94,24 @@ class Mixpanel:
         if response.is_success and body.get("status", 1) in (1, "OK"):
             return Answer()
         return Answer(batch_error=f"mixpanel: {body.get('error') or message(response)}")
+
+
+class MixpanelDeletion:
+    """Mixpanel's GDPR API: `POST {app host}/api/app/data-deletions/v3.0/?token=...` with every
+    distinct id of the person (an OAuth token)."""
+
+    name = "mixpanel"
+
+    def __init__(self, token: str, gdpr_token: str, app_host: str) -> None:
+        self.gdpr_token = gdpr_token
+        self.url = f"{app_host.rstrip('/')}/api/app/data-deletions/v3.0/?token={token}"
+
+    def request(self, erasure: Erasure) -> httpx.Request | None:
+        """Every id the person was known by in Mixpanel (user id and devices)."""
+        ids = person_ids(erasure)
+        auth = {"authorization": f"Bearer {self.gdpr_token}"}
+        return (
+            json_request(self.url, {"distinct_ids": ids, "compliance_type": "GDPR"}, auth)
+            if ids
+            else None
+        )

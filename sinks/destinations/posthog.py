@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from ingest.records import EnrichedEvent
+from ingest.records import EnrichedEvent, Erasure
 from sinks.destinations.contract import (
     Answer,
     enriched_properties,
@@ -21,6 +21,7 @@ from sinks.destinations.contract import (
     iso_timestamp,
     json_request,
     message,
+    person_ids,
     properties,
 )
 
@@ -77,3 +78,24 @@ class PostHog:
     def answer(self, response: httpx.Response, events: Sequence[EnrichedEvent]) -> Answer:
         """200: all taken; a 4xx refuses the whole batch."""
         return Answer() if response.is_success else Answer(batch_error=message(response))
+
+
+class PostHogDeletion:
+    """PostHog's person deletion: `POST {app host}/api/projects/{id}/persons/bulk_delete/` with
+    every distinct id of the person, their events too (a personal API key)."""
+
+    name = "posthog"
+
+    def __init__(self, personal_api_key: str, project_id: str, app_host: str) -> None:
+        self.personal_api_key = personal_api_key
+        self.url = f"{app_host.rstrip('/')}/api/projects/{project_id}/persons/bulk_delete/"
+
+    def request(self, erasure: Erasure) -> httpx.Request | None:
+        """Every id the person was known by in PostHog (user id and devices)."""
+        ids = person_ids(erasure)
+        auth = {"authorization": f"Bearer {self.personal_api_key}"}
+        return (
+            json_request(self.url, {"distinct_ids": ids, "delete_events": True}, auth)
+            if ids
+            else None
+        )

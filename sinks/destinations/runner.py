@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -41,7 +41,49 @@ from sinks.erasure_filter import ErasureFilter
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 POLL_WHILE_SENDING_S = 5.0  # keeps the group membership (max.poll.interval.ms is 300 s)
+
+
+async def answered(
+    name: str,
+    client: httpx.AsyncClient,
+    build: Callable[[], httpx.Request],
+    read: Callable[[httpx.Response], T],
+    settings: Settings,
+) -> T:
+    """Send `build()` until the provider gives an answer that is not "later" (429, 5xx, none),
+    and `read` it. Retries honour Retry-After; past MILLIMETRIC_DESTINATIONS_ATTEMPTS the
+    destination pauses MILLIMETRIC_DESTINATIONS_PAUSE_S and starts again: it never gives up."""
+
+    async def attempt() -> T:
+        try:
+            response = await client.send(build())
+        except httpx.TransportError as error:
+            raise TryLater(f"{name}: {error!r}") from error
+        if response.status_code in RETRYABLE_STATUSES:
+            raise TryLater(message(response), retry_after(response))
+        return read(response)
+
+    s = settings
+    while True:
+        try:
+            return await retrying(
+                f"destination_{name}",
+                attempt,
+                permanent=lambda e: not isinstance(e, TryLater),
+                attempts=s.destinations_attempts,
+                max_delay_s=s.destinations_retry_max_s,
+            )
+        except TryLater as error:
+            log.warning(
+                "%s: %d attempts failed (last: %s); pausing %.0fs, then the same request again",
+                name,
+                s.destinations_attempts,
+                error,
+                s.destinations_pause_s,
+            )
+            await asyncio.sleep(s.destinations_pause_s)
 
 
 class _Stopped(Exception):
@@ -222,35 +264,14 @@ class Runner:
 
     async def _answered(self, events: Sequence[EnrichedEvent]) -> Answer:
         """The provider's answer to `events`, retried while it fails in ways that heal."""
-
-        async def attempt() -> Answer:
-            try:
-                response = await self.client.send(self.destination.request(events))
-            except httpx.TransportError as error:
-                raise TryLater(f"{self.name}: {error!r}") from error
-            if response.status_code in RETRYABLE_STATUSES:
-                raise TryLater(message(response), retry_after(response))
-            return self.destination.answer(response, events)
-
-        s = self.settings
-        while True:
-            try:
-                return await retrying(
-                    f"destination_{self.name}",
-                    attempt,
-                    permanent=lambda e: not isinstance(e, TryLater),
-                    attempts=s.destinations_attempts,
-                    max_delay_s=s.destinations_retry_max_s,
-                )
-            except TryLater as error:
-                log.warning(
-                    "%s: %d attempts failed (last: %s); pausing %.0fs, then the same batch again",
-                    self.name,
-                    s.destinations_attempts,
-                    error,
-                    s.destinations_pause_s,
-                )
-                await asyncio.sleep(s.destinations_pause_s)
+        destination = self.destination
+        return await answered(
+            self.name,
+            self.client,
+            lambda: destination.request(events),
+            lambda response: destination.answer(response, events),
+            self.settings,
+        )
 
     async def _dead_letter(self, event: EnrichedEvent, text: str) -> None:
         letter = {"stage": f"destination:{self.name}", "reason": text, "record": event}
