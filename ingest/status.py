@@ -224,7 +224,7 @@ def render(status: dict[str, Any], rates: dict[str, float] | None = None) -> Any
     sent = Table(show_header=True)
     for column in ("destination", "sent", "dead-lettered"):
         sent.add_column(column)
-    for name, figures in status["destinations"].items():
+    for name, figures in status.get("destinations", {}).items():
         sent.add_row(name, f"{figures['sent']:.0f}", f"{figures['failed']:.0f}")
     fresh = status["freshness_seconds"]
     summary = Text(
@@ -233,7 +233,7 @@ def render(status: dict[str, Any], rates: dict[str, float] | None = None) -> Any
     )
     unhealthy = Text("\n".join(status["unhealthy"]) or "all healthy", style="red" if status[
         "unhealthy"] else "green")  # fmt: skip
-    shown = (stages, funnel, lag, *((sent,) if status["destinations"] else ()), summary)
+    shown = (stages, funnel, lag, *((sent,) if status.get("destinations") else ()), summary)
     return Group(*shown, unhealthy)
 
 
