@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -610,3 +611,26 @@ def test_forget_status_names_each_destinations_outcome(broker: str) -> None:
     assert _forget_destinations(settings, forget_id) == {
         "posthog": {"status": "done", "detail": ""}  # the latest outcome
     }
+
+
+def test_destinations_waiting_for_the_sinks_store_stop_when_asked(
+    broker: str, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": broker,
+        "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
+        "MILLIMETRIC_DATA_DIR": str(tmp_path),  # no sink serves this store: it waits
+        "MILLIMETRIC_TRACKING_WEBHOOK_URL": "http://127.0.0.1:9/in",
+    }
+    log = tmp_path / "destinations.log"
+    proc = Proc(["-m", "ingest.cli", "destinations", "run"], env, log).start()
+    try:
+        deadline = time.monotonic() + 60
+        while "no sink serves the embedded store" not in log.read_text():
+            assert time.monotonic() < deadline and proc.proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        proc.proc.terminate()
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.stop(kill=True)

@@ -83,7 +83,15 @@ async def serve(settings: Settings, bootstrap: str) -> None:
         return await asyncio.to_thread(_load_suppressions, settings, erasures)
 
     # Suppressions outlive the erasures topic: nothing is forwarded before they are known.
-    await retrying("destinations_suppressions", suppressions, max_delay_s=2.0)
+    loading = asyncio.ensure_future(
+        retrying("destinations_suppressions", suppressions, max_delay_s=2.0)
+    )
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not loading.done():  # stopped while waiting for the sink's store: nothing to flush
+        loading.cancel()
+        return
     follower = asyncio.ensure_future(follow(bootstrap, erasures, stop, security=security))
     await asyncio.wait({follower, asyncio.ensure_future(erasures.ready.wait())},
                        return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
