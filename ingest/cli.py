@@ -2,6 +2,7 @@
 
 millimetric dev                      the whole pipeline, embedded
 millimetric gateway|processor|sink   one stage (production: one process each, scaled apart)
+millimetric destinations run         forward enriched events to PostHog, Mixpanel, Amplitude...
 millimetric keys create|list|revoke  API keys
 millimetric keys limits              a project's rate limit on one route
 millimetric hooks create|list|rotate|revoke   webhook receivers (Stripe, GitHub, Shopify, ...)
@@ -84,6 +85,13 @@ def cmd_processor(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_sink(settings: Settings, args: argparse.Namespace) -> int:
     from sinks.app import serve
+
+    asyncio.run(serve(settings, _bootstrap(settings)))
+    return 0
+
+
+def cmd_destinations(settings: Settings, args: argparse.Namespace) -> int:
+    from sinks.destinations.app import serve
 
     asyncio.run(serve(settings, _bootstrap(settings)))
     return 0
@@ -285,8 +293,23 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
         status["reason"] = reason
     if status["status"] == "done":
         status["duration_ms"] = status["completed_at_ms"] - status["requested_at_ms"]
+    if settings.destinations():
+        status["destinations"] = _forget_destinations(settings, forget_id)
     print(json.dumps(status))
     return 0
+
+
+def _forget_destinations(settings: Settings, forget_id: str) -> dict[str, Any]:
+    """Each destination's outcome of a forget (PostHog, Mixpanel, Amplitude deletion)."""
+    from ingest.dev import running_dev_bootstrap
+    from ingest.kafka_connection import security_options
+    from sinks.destinations.forgets import outcomes
+
+    bootstrap = settings.kafka_bootstrap_servers or running_dev_bootstrap(settings.data_dir)
+    if bootstrap is None:
+        return {}
+    found = asyncio.run(outcomes(bootstrap, forget_id, security_options(settings)))
+    return {name: {"status": o["status"], "detail": o["detail"]} for name, o in found.items()}
 
 
 def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
@@ -433,6 +456,11 @@ def parser() -> argparse.ArgumentParser:
     gw.set_defaults(run=cmd_gateway)
     sub.add_parser("processor", help="run a processor worker").set_defaults(run=cmd_processor)
     sub.add_parser("sink", help="run a ClickHouse sink").set_defaults(run=cmd_sink)
+    dest = sub.add_parser("destinations", help="forward enriched events to other tools")
+    dest_commands = dest.add_subparsers(dest="destinations_command", required=True)
+    dest_commands.add_parser(
+        "run", help="run every destination configured (README, Destinations)"
+    ).set_defaults(run=cmd_destinations)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys.set_defaults(run=cmd_keys)

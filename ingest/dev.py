@@ -47,6 +47,7 @@ STATE_FILE = "dev.json"
 KEYS_JOURNAL = "keys.jsonl"
 QUEUE_DIR = "queue"
 STAGES = ("gateway", "processor", "sink")
+STAGE_COMMANDS = {"destinations": ["destinations", "run"]}
 PR_SET_PDEATHSIG = 1
 STAGE_STOP_S = 30.0  # a stage's SIGTERM flush, before SIGKILL
 HURRIED_STOP_S = 2.0  # the same after a second Ctrl-C
@@ -194,7 +195,7 @@ class Children:
     def start(self, stage: str) -> None:
         """Start (or restart) one stage."""
         self.procs[stage] = subprocess.Popen(
-            [sys.executable, "-m", "ingest.cli", stage],
+            [sys.executable, "-m", "ingest.cli", *STAGE_COMMANDS.get(stage, [stage])],
             env=self._env,
             start_new_session=True,
             preexec_fn=die_with_parent,
@@ -272,8 +273,11 @@ async def run(settings: Settings) -> None:
     journal = settings.data_dir / KEYS_JOURNAL
     journal_from = await replay_keys(bootstrap, journal) if broker else 0
     # Each stage's metrics port: the configured one, else a free one `status` finds in dev.json.
+    # Destinations run only when one is configured, in a process of their own.
+    extra = ("destinations",) if settings.destinations() else ()
+    stages = (*STAGES, *extra)
     metrics_ports = {
-        stage: getattr(settings, f"{stage}_metrics_port") or free_port() for stage in STAGES
+        stage: getattr(settings, f"{stage}_metrics_port") or free_port() for stage in stages
     }
     env = {
         **os.environ,
@@ -295,7 +299,7 @@ async def run(settings: Settings) -> None:
         )
     )
     children = Children(env)
-    for stage in ("sink", "processor", "gateway"):
+    for stage in ("sink", "processor", "gateway", *extra):
         children.start(stage)
     queue = "in memory" if store is None else f"kept in {store.root}"
     print(
@@ -336,7 +340,10 @@ async def run(settings: Settings) -> None:
                 flush=True,
             )
         # Both have drained (or time is up): they stop side by side.
-        await asyncio.gather(*(children.stop(stage, hurry) for stage in ("processor", "sink")))
+        # Destinations resume from their committed offsets: they do not hold up the stop.
+        await asyncio.gather(
+            *(children.stop(stage, hurry) for stage in ("processor", "sink", *extra))
+        )
         if journal_task is not None:
             await journal_task
         state.unlink(missing_ok=True)

@@ -24,17 +24,24 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.metrics import LAG_RECORDS, LAG_SECONDS, set_lagging
 from ingest.settings import Settings
-from ingest.topics import topic
+from ingest.topics import DESTINATIONS, topic
 
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 5.0
 
+
 # stage -> (its consumer group, the topic it consumes): the processor measures the sink's too,
 # so that the sink's lag keeps growing, and shows, while no sink runs.
+def destination_group(name: str) -> str:
+    """The consumer group of one destination (sinks/destinations)."""
+    return f"millimetric-destination-{name}"
+
+
 CONSUMER_GROUPS = {
     "processor": ("millimetric-processor", "raw"),
     "sink": ("millimetric-sink", "enriched"),
+    **{name: (destination_group(name), "enriched") for name in DESTINATIONS},
 }
 
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from ingest.topics import DESTINATIONS
+
 RETRIES = Counter(
     "millimetric_retries",
     "Attempts of a failing operation that were retried after a backoff, by operation.",
@@ -140,6 +142,25 @@ WEBHOOK_DELIVERIES = Counter(
     ["provider", "outcome"],
 )
 
+DESTINATION_SENT = Counter(
+    "millimetric_destination_events_sent",
+    "Events a destination's provider accepted, by destination (posthog, mixpanel, amplitude, "
+    "webhook).",
+    ["destination"],
+)
+DESTINATION_FAILED = Counter(
+    "millimetric_destination_events_failed",
+    "Events a destination did not deliver, by destination and reason (`rejected`: the "
+    "provider refused it, it is on the destination's dead-letter topic; `undecodable`).",
+    ["destination", "reason"],
+)
+DESTINATION_SKIPPED = Counter(
+    "millimetric_destination_events_skipped",
+    "Events a destination does not forward on purpose, by destination and reason (`bot`, "
+    "`test`, `forgotten`).",
+    ["destination", "reason"],
+)
+
 METRICS: tuple[MetricWrapperBase, ...] = (
     REQUESTS,
     REQUEST_SECONDS,
@@ -166,6 +187,9 @@ METRICS: tuple[MetricWrapperBase, ...] = (
     READY,
     DEVICES_OVER_CAP,
     WEBHOOK_DELIVERIES,
+    DESTINATION_SENT,
+    DESTINATION_FAILED,
+    DESTINATION_SKIPPED,
 )
 
 # What Prometheus sees of each metric type: the series names it exposes.
@@ -189,6 +213,10 @@ STAGE_SERIES: dict[str, list[tuple[MetricWrapperBase, tuple[str, ...]]]] = {
         (DEAD_LETTERS, ("sink", "clickhouse_refused")),
         (RETRIES, ("clickhouse_insert",)),
         *((FORGETS, (outcome,)) for outcome in ("requested", "done", "failed")),
+    ],
+    "destinations": [
+        *((DESTINATION_SENT, (name,)) for name in DESTINATIONS),
+        *((DESTINATION_FAILED, (name, "rejected")) for name in DESTINATIONS),
     ],
 }
 

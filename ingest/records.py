@@ -162,6 +162,11 @@ def raw_records(value: bytes) -> list[dict[str, Any]]:
     return [decode(value)]
 
 
+def enriched_events(value: bytes) -> list[EnrichedEvent]:
+    """The events one enriched-topic record value holds."""
+    return [decode(value)]
+
+
 class ApiKeyRecord(TypedDict):
     """One API key on the keys topic: only its hash is stored, never the key."""
 

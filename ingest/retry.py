@@ -2,7 +2,8 @@
 
 One tenacity policy: exponential backoff with full jitter, capped; each retry is logged with its
 error and counted in `millimetric_retries_total{operation}`. Errors a caller names as permanent
-are not retried: they are raised at once (the caller dead-letters or reports them).
+are not retried: they are raised at once (the caller dead-letters or reports them). An error with a
+`retry_after_s` (a server's Retry-After) waits at least that long, capped at `max_delay_s`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ from ingest.metrics import GAVE_UP, RETRIES
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def _wait(first_delay_s: float, max_delay_s: float) -> Callable[[RetryCallState], float]:
+    backoff = wait_random_exponential(multiplier=first_delay_s, max=max_delay_s)
+
+    def wait(state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        asked = getattr(error, "retry_after_s", None) or 0.0
+        return max(backoff(state), min(float(asked), max_delay_s))
+
+    return wait
 
 
 def _log_retry(operation: str) -> Callable[[RetryCallState], None]:
@@ -60,7 +72,7 @@ async def retrying(
     policy = AsyncRetrying(
         # Cancellation (a BaseException) is an order to stop, never a fault to retry.
         retry=retry_if_exception(lambda e: isinstance(e, Exception) and not permanent(e)),
-        wait=wait_random_exponential(multiplier=first_delay_s, max=max_delay_s),
+        wait=_wait(first_delay_s, max_delay_s),
         stop=stop_never if attempts is None else stop_after_attempt(attempts),
         before_sleep=_log_retry(operation),
         reraise=True,

@@ -340,6 +340,117 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest a read API query may run in ClickHouse before the answer is a 503.",
     )
+    posthog_api_key: SecretStr | None = Field(
+        None,
+        description="A PostHog project API key: forward enriched events to PostHog's batch "
+        "capture API (README, Destinations); unset: no PostHog destination.",
+    )
+    posthog_host: str = Field(
+        "https://us.i.posthog.com",
+        description="PostHog's ingestion host (`https://eu.i.posthog.com` for the EU cloud, or "
+        "a self-hosted PostHog's URL).",
+    )
+    posthog_personal_api_key: SecretStr | None = Field(
+        None,
+        description="A PostHog personal API key (`phx_...`, scope person:write) with "
+        "MILLIMETRIC_POSTHOG_PROJECT_ID: forward forgets to PostHog's person deletion.",
+    )
+    posthog_project_id: str | None = Field(
+        None, description="The PostHog project's id, for person deletion."
+    )
+    posthog_app_host: str = Field(
+        "https://us.posthog.com",
+        description="PostHog's app (API) host, for person deletion (`https://eu.posthog.com`, "
+        "or a self-hosted URL).",
+    )
+    mixpanel_token: SecretStr | None = Field(
+        None,
+        description="A Mixpanel project token: forward enriched events to Mixpanel; unset: no "
+        "Mixpanel destination.",
+    )
+    mixpanel_host: str = Field(
+        "https://api.mixpanel.com",
+        description="Mixpanel's API host (`https://api-eu.mixpanel.com` for EU residency).",
+    )
+    mixpanel_api_secret: SecretStr | None = Field(
+        None,
+        description="The Mixpanel project's API secret: events go to the import API (any age, "
+        "per-event errors); unset: the track API (events up to 5 days old).",
+    )
+    mixpanel_gdpr_token: SecretStr | None = Field(
+        None,
+        description="A Mixpanel OAuth token for the GDPR API: forward forgets to Mixpanel's "
+        "data deletion.",
+    )
+    mixpanel_app_host: str = Field(
+        "https://mixpanel.com",
+        description="Mixpanel's app host, for data deletion (`https://eu.mixpanel.com` for EU "
+        "residency).",
+    )
+    amplitude_api_key: SecretStr | None = Field(
+        None,
+        description="An Amplitude project API key: forward enriched events to Amplitude's HTTP "
+        "V2 API; unset: no Amplitude destination.",
+    )
+    amplitude_host: str = Field(
+        "https://api2.amplitude.com",
+        description="Amplitude's API host (`https://api.eu.amplitude.com` for the EU data centre).",
+    )
+    amplitude_secret_key: SecretStr | None = Field(
+        None,
+        description="The Amplitude project's secret key: forward forgets (of identified "
+        "users) to Amplitude's user deletion API.",
+    )
+    amplitude_app_host: str = Field(
+        "https://amplitude.com",
+        description="Amplitude's host for user deletion (`https://analytics.eu.amplitude.com` "
+        "for the EU data centre).",
+    )
+    tracking_webhook_url: str | None = Field(
+        None,
+        description="POST enriched events, in JSON batches, to this URL; unset: no webhook "
+        "destination.",
+    )
+    tracking_webhook_auth: SecretStr | None = Field(
+        None, description="Sent as the webhook's `Authorization` header (e.g. `Bearer ...`)."
+    )
+    tracking_webhook_secret: SecretStr | None = Field(
+        None,
+        description="A `whsec_` secret: sign each webhook batch the Standard Webhooks way "
+        "(`webhook-id`, `webhook-timestamp`, `webhook-signature`).",
+    )
+    destinations_batch_events: int = Field(
+        50, ge=1, description="Events per destination request, at most."
+    )
+    destinations_batch_seconds: float = Field(
+        10.0, gt=0, description="Longest an event waits in a destination's batch."
+    )
+    destinations_include_test: bool = Field(
+        False,
+        description="Forward events sent with test keys too (records marked `env: test`); "
+        "otherwise destinations skip them.",
+    )
+    destinations_attempts: int = Field(
+        8,
+        ge=1,
+        description="Tries of a batch a provider answers 429, 5xx or not at all (honouring "
+        "Retry-After) before the destination pauses for MILLIMETRIC_DESTINATIONS_PAUSE_S and "
+        "tries again: a batch is never skipped.",
+    )
+    destinations_retry_max_s: float = Field(
+        60.0, description="Cap of a destination's backoff (and of a Retry-After it honours)."
+    )
+    destinations_pause_s: float = Field(
+        60.0, description="A destination's pause after its attempts ran out, before the next."
+    )
+    destinations_timeout_s: float = Field(
+        30.0, description="Longest a destination waits for a provider's answer."
+    )
+    destinations_metrics_port: int | None = Field(
+        None,
+        description="Serve the destinations process's Prometheus metrics (and `/health`, "
+        "`/ready`) on this port; unset: none.",
+    )
     log_level: str = Field("INFO", description="Python log level of every stage.")
 
     @model_validator(mode="before")
@@ -359,6 +470,16 @@ class Settings(BaseSettings):
         }
         values.setdefault("clickhouse_password", unquote(parsed.password or ""))
         return values
+
+    def destinations(self) -> list[str]:
+        """The destinations switched on: those whose key setting is set."""
+        keys = {
+            "posthog": self.posthog_api_key,
+            "mixpanel": self.mixpanel_token,
+            "amplitude": self.amplitude_api_key,
+            "webhook": self.tracking_webhook_url,
+        }
+        return [name for name, key in keys.items() if key is not None]
 
     def ip_salt_value(self) -> bytes:
         """The IP salt as bytes; stages that hash IPs call this at start-up."""

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ingest.settings import Settings
 
 STAGES = ("gateway", "processor", "sink")
+OPTIONAL_STAGES = ("destinations",)  # read only where a metrics URL is known for them
 DEV_STATE_FILE = "dev.json"  # written by `millimetric dev` (ingest/dev.py) in the data dir
 SCRAPE_TIMEOUT_S = 3.0
 FRESHNESS_LIMIT_S = 300.0  # the alert rules' threshold: older rows mean a stalled pipeline
@@ -45,7 +46,7 @@ def metrics_urls(settings: Settings) -> dict[str, str]:
     with contextlib.suppress(OSError, ValueError):
         dev = json.loads((settings.data_dir / DEV_STATE_FILE).read_text()).get("metrics_urls", {})
     urls: dict[str, str] = {}
-    for stage in STAGES:
+    for stage in (*STAGES, *OPTIONAL_STAGES):
         port = getattr(settings, f"{stage}_metrics_port")
         url = settings.status_metrics_urls.get(stage) or (
             f"http://{host}:{port}/metrics" if port is not None else dev.get(stage)
@@ -100,7 +101,7 @@ def collect(urls: dict[str, str]) -> dict[str, Any]:
     """The status object `--json` prints: every stage scraped once."""
     stages: list[dict[str, Any]] = []
     samples: list[Sample] = []
-    for name in STAGES:
+    for name in (*STAGES, *(stage for stage in OPTIONAL_STAGES if stage in urls)):
         url = urls.get(name)
         scraped = scrape(url) if url else None
         ready = bool(scraped) and any(
@@ -139,6 +140,7 @@ def collect(urls: dict[str, str]) -> dict[str, Any]:
             and s.labels["operation"] == "clickhouse_insert"
         ),
         "lag": lag,
+        "destinations": destination_figures(samples),
         "freshness_seconds": {
             "p50": quantile(0.5, samples, "millimetric_freshness_seconds"),
             "p99": quantile(0.99, samples, "millimetric_freshness_seconds"),
@@ -152,6 +154,19 @@ def collect(urls: dict[str, str]) -> dict[str, Any]:
     }
     status["unhealthy"] = problems(status)
     return status
+
+
+def destination_figures(samples: Iterable[Sample]) -> dict[str, dict[str, float]]:
+    """Per destination: events its provider accepted, and events it dead-lettered."""
+    out: dict[str, dict[str, float]] = {}
+    for s in samples:
+        if s.name == "millimetric_destination_events_sent_total":
+            figures = out.setdefault(s.labels["destination"], {"sent": 0.0, "failed": 0.0})
+            figures["sent"] += s.value
+        elif s.name == "millimetric_destination_events_failed_total":
+            figures = out.setdefault(s.labels["destination"], {"sent": 0.0, "failed": 0.0})
+            figures["failed"] += s.value
+    return out
 
 
 def problems(status: dict[str, Any]) -> list[str]:
@@ -206,6 +221,11 @@ def render(status: dict[str, Any], rates: dict[str, float] | None = None) -> Any
         lag.add_column(column)
     for group, value in status["lag"].items():
         lag.add_row(group, f"{value['records']:.0f}", _seconds(value["seconds"]))
+    sent = Table(show_header=True)
+    for column in ("destination", "sent", "dead-lettered"):
+        sent.add_column(column)
+    for name, figures in status.get("destinations", {}).items():
+        sent.add_row(name, f"{figures['sent']:.0f}", f"{figures['failed']:.0f}")
     fresh = status["freshness_seconds"]
     summary = Text(
         f"freshness p50 {_seconds(fresh['p50'])}  p99 {_seconds(fresh['p99'])}   "
@@ -213,7 +233,8 @@ def render(status: dict[str, Any], rates: dict[str, float] | None = None) -> Any
     )
     unhealthy = Text("\n".join(status["unhealthy"]) or "all healthy", style="red" if status[
         "unhealthy"] else "green")  # fmt: skip
-    return Group(stages, funnel, lag, summary, unhealthy)
+    shown = (stages, funnel, lag, *((sent,) if status.get("destinations") else ()), summary)
+    return Group(*shown, unhealthy)
 
 
 def rates(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, float]:

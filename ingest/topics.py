@@ -24,6 +24,13 @@ class Topic:
 
 
 DAY_MS = 86_400_000
+# The built-in destinations (sinks/destinations), each with a dead-letter topic of its own.
+DESTINATIONS = {
+    "posthog": "PostHog",
+    "mixpanel": "Mixpanel",
+    "amplitude": "Amplitude",
+    "webhook": "the tracking webhook",
+}
 
 TOPICS: dict[str, Topic] = {
     "raw": Topic(
@@ -91,6 +98,27 @@ TOPICS: dict[str, Topic] = {
         "filters them out of its inserts, one sink deletes them. Retention must exceed raw's; "
         "suppressions outlive it in the `suppressions` table.",
     ),
+    "forget_destinations": Topic(
+        "millimetric.forget-destinations",
+        "forget_id:destination",
+        1,
+        True,
+        -1,
+        "Each forget's outcome at each destination with a deletion API (PostHog, Mixpanel, "
+        "Amplitude): `done`, `refused` with the provider's message, or `nothing_to_delete`.",
+    ),
+    **{
+        f"dead_letter_{name}": Topic(
+            f"millimetric.dead-letter.{name}",
+            "destination",
+            1,
+            False,
+            7 * DAY_MS,
+            f"Enriched events {title} refused (a 4xx naming the event), with its message. "
+            "Kept as long as the dead-letter topic, for the same reason.",
+        )
+        for name, title in DESTINATIONS.items()
+    },
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.kafka_connection import Security
-from ingest.records import Erasure, decode
+from ingest.records import EnrichedEvent, Erasure, decode
 from ingest.topics import topic
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse
@@ -70,6 +70,12 @@ class ErasureFilter:
             )
         ]
         return batch if all(keep) else batch.keep(keep)
+
+    def erased(self, event: EnrichedEvent) -> bool:
+        """Whether one event is a forgotten person's (what `apply` drops)."""
+        return self._erased(
+            event["project"], event["user_id"], event["anonymous_id"], event["received_at"]
+        )
 
     def _erased(self, project: str, user_id: str, anonymous_id: str, received_at: int) -> bool:
         person = self._projects.get(project)

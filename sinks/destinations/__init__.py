@@ -1,0 +1,1 @@
+"""Destinations: enriched events fanned out to PostHog, Mixpanel, Amplitude and a webhook."""
