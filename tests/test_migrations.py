@@ -109,7 +109,7 @@ def test_event_versions_keep_the_rows_and_aggregates_and_resume_after_the_rename
     with pytest.raises(Exception, match="not_there"):
         migrate(ch)
     monkeypatch.setattr(migrate_module, "migrations", lambda: shipped)
-    assert migrate(ch) == [5]
+    assert migrate(ch) == [v for v, _, _ in shipped if v >= 5]
     assert ch.query_tsv("SELECT event_id, version FROM events") == "old\t0\n"
     # The copy fed no aggregate twice; a replayed row (higher version) replaces the old one.
     ch.execute(insert.format("old", "bing").replace("source)", "source, version)") + ", 7")
