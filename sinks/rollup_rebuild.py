@@ -1,4 +1,4 @@
-"""Rebuilding the rollups and `sessions` for days a replay re-derived, from `events FINAL`.
+"""Rebuilding `daily_rollup` and `sessions` for days a replay re-derived, from `events FINAL`.
 
 The aggregates' states are sets and extrema, so a replayed row that changes nothing they group
 by changes nothing. One that changes `source`/`medium`/`channel` does: the view adds its event to
@@ -6,7 +6,8 @@ the new group of `daily_rollup` while the old group keeps it (counted twice), an
 `argMin(source, timestamp)` sees two rows of the same time and may keep either. So after a replay
 the affected days' rollup rows, and the sessions with events on those days, are deleted and
 inserted again from `events FINAL` (one row per event, the highest version), through the views'
-own SELECTs. A live insert meanwhile is harmless: it lands after the delete, and its states hold
+own SELECTs. `hourly_rollup` groups by nothing a replay can change (project, hour, event), so it
+is left as it is. A live insert meanwhile is harmless: it lands after the delete, and its states hold
 what the rebuild's read of `events` holds too.
 """
 
@@ -82,8 +83,8 @@ def received_days(
 
 
 def rebuild(ch: ClickHouse, project: str, days: Iterable[str], timeout_s: float = 600) -> None:
-    """Rebuild `daily_rollup` and `hourly_rollup` for `project`'s `days` (YYYY-MM-DD) and its
-    sessions with events on them, from `events FINAL`."""
+    """Rebuild `daily_rollup` for `project`'s `days` (YYYY-MM-DD) and its sessions with events on
+    them, from `events FINAL`."""
     dates = ", ".join(f"toDate({quote(day)})" for day in sorted(days))
     if not dates:
         return
@@ -96,18 +97,8 @@ def rebuild(ch: ClickHouse, project: str, days: Iterable[str], timeout_s: float 
     _run(
         ch, f"ALTER TABLE daily_rollup DELETE WHERE project = {quote(project)} AND day IN ({dates})"
     )
-    _run(
-        ch,
-        f"ALTER TABLE hourly_rollup DELETE WHERE project = {quote(project)} "
-        f"AND toDate(hour) IN ({dates})",
-    )
     _run(ch, f"ALTER TABLE sessions DELETE WHERE {sessions}")
     _wait_for_mutations(ch, timeout_s)
-    views = (
-        ("daily_rollup_mv", on_days),
-        ("hourly_rollup_mv", on_days),
-        ("sessions_mv", insert_sessions),
-    )
-    for view, where in views:
+    for view, where in (("daily_rollup_mv", on_days), ("sessions_mv", insert_sessions)):
         table, columns, select = view_query(view, ch)
         ch.execute(f"INSERT INTO {table} ({', '.join(columns)}) {_filtered(select, where)}")
