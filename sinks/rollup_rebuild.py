@@ -7,8 +7,8 @@ the new group of `daily_rollup` while the old group keeps it (counted twice), an
 the affected days' rollup rows, and the sessions with events on those days, are deleted and
 inserted again from `events FINAL` (one row per event, the highest version), through the views'
 own SELECTs. `hourly_rollup` groups by nothing a replay can change (project, hour, event), so it
-is left as it is. A live insert meanwhile is harmless: it lands after the delete, and its states hold
-what the rebuild's read of `events` holds too.
+is left as it is. A live insert meanwhile is harmless: it lands after the delete, and its states
+hold what the rebuild's read of `events` holds too.
 """
 
 from __future__ import annotations
