@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     kafka_compression: str | None = Field(
         None, description="Producer compression (`gzip`, `lz4`, `zstd`, `snappy`); unset: none."
     )
+    envelopes: bool = Field(
+        True,
+        description="Carry events on the raw and enriched topics in per-partition envelopes "
+        "(one record per partition per request or processor step, docs/RECORDS.md); false: "
+        "one record per event, as before version 2 (readers take both kinds either way).",
+    )
     kafka_min_insync_replicas: int | None = Field(
         None,
         description="`min.insync.replicas` of the topics a stage creates (2 in production, with "

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench.services import Proc, stage, stage_env
 from ingest.dev import EmbeddedBroker
 from ingest.partitioner import partition_for
-from ingest.records import decode, encode
+from ingest.records import encode, raw_records
 from ingest.topics import ensure_topics, topic
 
 RAW, ENRICHED, DEAD = topic("raw"), topic("enriched"), topic("dead_letter")
@@ -87,7 +87,7 @@ async def wait_for(
         async with asyncio.timeout(timeout):
             while not found(records):
                 for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    records += [decode(m.value) for m in messages]
+                    records += [r for m in messages for r in raw_records(m.value)]
     finally:
         await consumer.stop()
     return records
