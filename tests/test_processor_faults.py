@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench.services import Proc, stage, stage_env
 from ingest.dev import EmbeddedBroker
 from ingest.partitioner import partition_for
-from ingest.records import encode, raw_records
+from ingest.records import encode, envelope, raw_records
 from ingest.topics import ensure_topics, topic
 
 RAW, ENRICHED, DEAD = topic("raw"), topic("enriched"), topic("dead_letter")
@@ -324,3 +324,69 @@ async def produce_many(bootstrap: str, events: list[dict[str, Any]]) -> None:
         await asyncio.gather(*sent)
     finally:
         await producer.stop()
+
+
+def same_partition_as(anonymous_id: str) -> str:
+    """Another visitor whose events share `anonymous_id`'s raw partition."""
+    home = partition_for(key(anonymous_id), RAW.partitions)
+    return next(
+        other
+        for n in range(1000)
+        if partition_for(key(other := f"{anonymous_id}-mate-{n}"), RAW.partitions) == home
+    )
+
+
+def test_a_poison_event_in_an_envelope_is_dead_lettered_alone(processor: Processor) -> None:
+    """One bad event never costs its envelope-mates: they are enriched, it is dead-lettered
+    with its place in the envelope."""
+    bootstrap = processor.broker.bootstrap
+    first, last = raw_event("env-1"), raw_event("env-1")
+    broken = raw_event("env-1")
+    del broken["timestamp"]  # enrichment raises on it
+    value = envelope([encode(first), encode(broken), b"42", encode(last)])
+    processor.run(produce(bootstrap, "env-1", [value]))
+    wanted = {first["event_id"], last["event_id"]}
+    enriched = processor.run(wait_for(bootstrap, ENRICHED.name, lambda rs: wanted <= ids(rs)))
+    assert broken["event_id"] not in ids(enriched)
+    about = letters_about(broken["event_id"])
+    letter = about(processor.run(wait_for(bootstrap, DEAD.name, about)))[0]
+    assert letter["reason"].startswith("enrich_failed: KeyError")
+    assert letter["source"]["index"] == 1 and "ip" not in letter["record"]["context"]
+
+    def not_an_object(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rs if "not an object" in r.get("reason", "")]
+
+    stub = not_an_object(processor.run(wait_for(bootstrap, DEAD.name, not_an_object)))[0]
+    assert stub["source"]["index"] == 2 and stub["record"] is None
+
+
+def test_a_raw_topic_holding_v1_records_and_envelopes_keeps_order_and_identities(
+    processor: Processor,
+) -> None:
+    """A rolling upgrade: a partition holds single-event records (v1) from old gateways and
+    envelopes (v2) from new ones. Each visitor's events come out in their order, and an identify
+    inside an envelope keyed by another visitor stitches its own visitor's later events (the
+    identities table is keyed per event, co-partitioned with the raw topic as before)."""
+    bootstrap = processor.broker.bootstrap
+    visitor = "mixed-1"
+    mate = same_partition_as(visitor)
+    events = [raw_event(visitor, event=f"step-{n}") for n in range(6)]
+    identify = raw_event(visitor, type="identify", event="$identify", user_id="mixed-user")
+    mate_event = raw_event(mate)
+    values = [
+        encode(events[0]),
+        envelope([encode(events[1]), encode(events[2])]),
+        envelope([encode(mate_event), encode(identify), encode(events[3])]),  # keyed by the mate
+        encode(events[4]),
+    ]
+    processor.run(produce(bootstrap, visitor, values[:2] + values[3:]))
+    processor.run(produce(bootstrap, mate, [values[2]]))
+    processor.run(produce(bootstrap, visitor, [envelope([encode(events[5])])]))
+    wanted = {e["event_id"] for e in events} | {mate_event["event_id"], identify["event_id"]}
+    enriched = processor.run(wait_for(bootstrap, ENRICHED.name, lambda rs: wanted <= ids(rs)))
+    mine = [r for r in enriched if r["anonymous_id"] == visitor and r["type"] == "track"]
+    # The partition's order: 0, 1, 2, 4, then (after the identify, in the mate's envelope) 3, 5.
+    assert [r["event"] for r in mine] == [f"step-{n}" for n in (0, 1, 2, 4, 3, 5)]
+    by_event = {r["event"]: r["user_id"] for r in mine}
+    assert by_event["step-3"] == by_event["step-5"] == "mixed-user"
+    assert by_event["step-0"] == by_event["step-4"] == ""
