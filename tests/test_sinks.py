@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from clickhouse_driver.errors import NetworkError, ServerException
 
 from bench.services import ClickHouseServer
-from ingest.records import decode, encode
+from ingest.records import decode, encode, envelope
 from ingest.topics import ensure_topics, topic
 from sinks.clickhouse import refusal
 from tests.services import Pipeline
@@ -159,18 +159,24 @@ def test_redelivered_batch_changes_no_count(sink_only: Pipeline) -> None:
 
 
 def test_refused_and_undecodable_rows_go_to_dead_letter(sink_only: Pipeline) -> None:
+    """Single-event records and envelopes on one topic (a rolling upgrade): a poison record or
+    event is dead-lettered alone; its envelope-mates land."""
     records: list[Any] = [enriched(i) for i in range(20)]
     records.insert(5, enriched(1000, source_confidence="not a number"))
     records.insert(9, b"\xff{not json")
     records.insert(12, encode({"event_id": "missing fields"}))
     produce(sink_only.bootstrap, records)
-    produce(sink_only.bootstrap, [enriched(i) for i in range(20, 40)])  # the partition flows on
+    mates: list[Any] = [enriched(i) for i in range(20, 40)]
+    mates.insert(3, enriched(1001, source_confidence="not a number"))
+    mates.insert(8, {"event_id": "missing fields in an envelope"})
+    produce(sink_only.bootstrap, [envelope([encode(r) for r in mates])])  # flows on
     wait_counts(sink_only, 40)
-    letters = dead_letters(sink_only.bootstrap, 3)
-    assert len(letters) == 3
+    letters = dead_letters(sink_only.bootstrap, 5)
+    assert len(letters) == 5
     text = b"\n".join(letters).decode()
     assert "clickhouse refused" in text and '"event_id":"e1000"' in text
-    assert text.count("undecodable") == 2
+    assert '"event_id":"e1001"' in text
+    assert text.count("undecodable") == 3 and "missing fields in an envelope" in text
 
 
 def test_batch_spanning_more_months_than_one_insert_may_touch_lands(
