@@ -21,6 +21,7 @@ import orjson
 RAW_SCHEMA_VERSION = 1
 ENRICHED_SCHEMA_VERSION = 1
 ENVELOPE_VERSION = 2
+ENVELOPE_HEADER = b'{"v":2,"count":'  # how every envelope begins: readers may count from it
 # Bytes an envelope adds around its events: `{"v":2,"count":N,"events":[` ... `]}`, N < 10^9.
 ENVELOPE_OVERHEAD = 40
 
@@ -178,7 +179,7 @@ def envelope(events: Sequence[bytes]) -> bytes:
     there is one, else a `v` 2 envelope."""
     if len(events) == 1:
         return events[0]
-    return b'{"v":2,"count":%d,"events":[%b]}' % (len(events), b",".join(events))
+    return b'%b%d,"events":[%b]}' % (ENVELOPE_HEADER, len(events), b",".join(events))
 
 
 class Envelope(NamedTuple):
