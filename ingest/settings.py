@@ -194,7 +194,11 @@ class Settings(BaseSettings):
     session_timeout_min: int = Field(
         30, description="Bucket width of the derived session_id (`${anonymous_id}-${bucket}`)."
     )
-    processor_batch_size: int = Field(1000, description="Events the processor handles per step.")
+    processor_batch_size: int = Field(
+        1000,
+        description="Records the processor takes per step, and events it enriches and publishes "
+        "at a time (a step of envelopes goes in parts of about this many events).",
+    )
     processor_batch_seconds: float = Field(
         0.05, description="Longest the processor waits to fill a step."
     )

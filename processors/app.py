@@ -26,7 +26,7 @@ import tempfile
 import time
 import tomllib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -249,11 +249,15 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         # No content is kept: it could hold an IP anywhere, and no retry could decode it.
         dead.add("undecodable", dead_letter_value("undecodable", error, at.source(), None, None))
 
-    def unpack(events: Sequence[Any], dead: DeadLetters) -> tuple[list[Entry], list[Any]]:
-        """A step's records as its events in order (an envelope's each), with their keys; an
-        undecodable record or envelope entry is dead-lettered alone (its record: None)."""
+    def unpack(
+        events: Sequence[Any], size: int
+    ) -> Iterator[tuple[list[Entry], list[Any], DeadLetters]]:
+        """A step's records as their events in order (an envelope's each) with their keys, in
+        parts of about `size` events (an envelope is never split); an undecodable record or
+        envelope entry is dead-lettered alone."""
         entries: list[Entry] = []
         records: list[dict[str, Any] | None] = []
+        dead = DeadLetters()
         for event in events:
             try:
                 values = raw_records(event.value)
@@ -273,13 +277,22 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                     continue
                 entries.append(Entry(event, index, key))
                 records.append(record)
-        return entries, records
+            if len(entries) >= size:
+                yield entries, records, dead
+                entries, records, dead = [], [], DeadLetters()
+        yield entries, records, dead
 
     async def handle_step(events: Sequence[Any], publisher: StepPublisher) -> None:
-        """Enrich a step's events, publish everything it produced; returns once all is acked."""
-        dead = DeadLetters()
-        entries, records = unpack(events, dead)
+        """Enrich a step's events and publish everything it produced, in parts of at most about
+        `processor_batch_size` events (so memory stays bounded however many events its envelopes
+        hold); returns once all is acked."""
+        for entries, records, dead in unpack(events, settings.processor_batch_size):
+            await handle_part(entries, records, dead, publisher)
 
+    async def handle_part(
+        entries: list[Entry], records: list[Any], dead: DeadLetters, publisher: StepPublisher
+    ) -> None:
+        """Enrich these events and publish what they produce; returns once all is acked."""
         # A webhook delivery becomes an event here, after the gateway made it durable.
         for index, record in enumerate(records):
             if record is not None and record.get("type") == "webhook":
@@ -313,6 +326,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         await publisher.publish(publisher.links, links, link_refused)
 
         heartbeats = 0
+        pointed = None
         out: list[tuple[bytes, bytes]] = []
         sources: list[int] = []
         for index, (entry, record) in enumerate(zip(entries, records, strict=True)):
@@ -326,7 +340,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                     sources.append(index)
                     heartbeats += 1
                     continue
-                point_tables_at(entry.event)
+                if entry.event is not pointed:  # an envelope's events share its partition
+                    point_tables_at(entry.event)
+                    pointed = entry.event
                 if kind in ("forget", "unlink"):
                     identities.pop(key, None)
                     continue
