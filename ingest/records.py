@@ -169,9 +169,8 @@ decode = orjson.loads
 
 def event_key(record: Any) -> bytes:
     """The partition key of a raw event (an envelope's events each have theirs)."""
-    return record_key(
-        record["project"], record.get("anonymous_id"), record.get("user_id") or record["event_id"]
-    )
+    fallback = record.get("user_id") or record.get("event_id") or ""
+    return record_key(record["project"], record.get("anonymous_id"), fallback)
 
 
 def envelope(events: Sequence[bytes]) -> bytes:
