@@ -10,6 +10,8 @@
 Peak RSS of each stage is read after both loads. CPU per event: each process's CPU time (gateway,
 processor, sink with its chdb, broker) over step 1, divided by its events; the cores divided by
 their sum is the most any scheduling could sustain on this machine.
+Step 1 runs for both designs (MILLIMETRIC_ENVELOPES false, then true, each on a fresh broker and
+store), step 2 for envelopes only; the ratios of the two are rows too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from bench import REPO_ROOT
-from bench.events import batch_body
+from bench.events import DESIGNS, batch_body
 from bench.gateway import BATCH, BATCH_CONNECTIONS, KEYS, wrk, wrk_script
 from bench.loadgen import percentile
 from bench.services import (
@@ -101,7 +103,26 @@ async def freshness(
 
 
 def run(root: Path, seconds: float, stage_min: float) -> list[Row]:
-    """The end-to-end rows; `stage_min` is the slowest stage's throughput (the baseline)."""
+    """The end-to-end rows of both designs and their ratios; `stage_min` is the slowest stage's
+    throughput (the baseline)."""
+    single, single_eps, single_us = design(root / "single", seconds, stage_min, "single records")
+    rows, eps, total_us = design(root / "envelopes", seconds, stage_min, "envelopes")
+    return [
+        *single,
+        *rows,
+        Row("end to end", "sustained events/s: envelopes vs single records", eps, single_eps,
+            "≥ 2.5x", "events/s"),
+        Row("end to end", "CPU per event, all processes: envelopes vs single records", total_us,
+            single_us, "≤ 80 µs", "µs"),
+    ]  # fmt: skip
+
+
+def design(
+    root: Path, seconds: float, stage_min: float, label: str
+) -> tuple[list[Row], float, float]:
+    """One design's rows, sustained events/s and CPU µs per event of all processes; freshness
+    only for envelopes."""
+    envelopes = DESIGNS[label] == "true"
     root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "data"
     geo = write_geo_db(root / "bench-country.mmdb")
@@ -117,6 +138,7 @@ def run(root: Path, seconds: float, stage_min: float) -> list[Row]:
             data_dir,
             MILLIMETRIC_GATEWAY_PORT=str(port),
             MILLIMETRIC_GEOIP_PATH=str(geo),
+            MILLIMETRIC_ENVELOPES=DESIGNS[label],
         )
         for name in ("sink", "processor", "gateway"):
             stages[name] = stage(name, env, root).start()
@@ -138,53 +160,62 @@ def run(root: Path, seconds: float, stage_min: float) -> list[Row]:
             for name, pid in pids.items()
         }
 
+        fresh: list[float] = []
         offered = min(TARGET_EPS, 0.8 * sustained)
-        spec = {
-            "url": f"{base}/v1/batch",
-            "rate": offered / BATCH,
-            "seconds": seconds,
-            "body": json.dumps(batch_body(BATCH, seed=12)),
-            "keys": keys[1:],
-            "headers": {"Content-Type": "application/json"},
-        }
-        load = subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen"],
-            cwd=REPO_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert load.stdin is not None
-        load.stdin.write(json.dumps(spec))
-        load.stdin.close()
-        fresh = asyncio.run(freshness(base, keys[0], data_dir, load))
-        assert load.stdout is not None
-        load.stdout.read()
-        load.wait()
-        rss = {name: proc.peak_rss_mb() for name, proc in stages.items()}
+        if envelopes:
+            spec = {
+                "url": f"{base}/v1/batch",
+                "rate": offered / BATCH,
+                "seconds": seconds,
+                "body": json.dumps(batch_body(BATCH, seed=12)),
+                "keys": keys[1:],
+                "headers": {"Content-Type": "application/json"},
+            }
+            load = subprocess.Popen(
+                [sys.executable, "-m", "bench.loadgen"],
+                cwd=REPO_ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert load.stdin is not None
+            load.stdin.write(json.dumps(spec))
+            load.stdin.close()
+            fresh = asyncio.run(freshness(base, keys[0], data_dir, load))
+            assert load.stdout is not None
+            load.stdout.read()
+            load.wait()
+        rss = {stage: proc.peak_rss_mb() for stage, proc in stages.items()}
     finally:
-        for name in ("gateway", "processor", "sink"):
-            if name in stages:
-                stages[name].stop()
+        for stage_name in ("gateway", "processor", "sink"):
+            if stage_name in stages:
+                stages[stage_name].stop()
         broker.stop()
     at = f"at {offered:,.0f} events/s offered"
     total_us = sum(cpu_us.values())
     cores = os.cpu_count() or 1
     cpu_rows = [
-        Row("end to end", f"CPU per event, {name}", us, None, "-", "µs")
+        Row("end to end", f"CPU per event, {name}, {label}", us, None, "-", "µs")
         for name, us in cpu_us.items()
     ]
-    return [
-        Row("end to end", "sustained events/s, gateway -> ClickHouse (chdb)", sustained,
-            stage_min, f"≥ {TARGET_EPS:,} events/s", "events/s"),
+    fresh_rows = [
         Row("end to end", f"freshness p50 {at}", percentile(fresh, 0.5), None, "-", "s"),
         Row("end to end", f"freshness p99 {at}", percentile(fresh, 0.99), None, "≤ 5 s", "s"),
-        Row("end to end", "gateway peak RSS (VmHWM)", rss["gateway"], None, "≤ 150 MB", "MB"),
-        Row("end to end", "processor peak RSS (VmHWM)", rss["processor"], None, "≤ 300 MB",
-            "MB"),
-        Row("end to end", "sink peak RSS (VmHWM), chdb", rss["sink"], None,
+    ] if fresh else []  # fmt: skip
+    rows = [
+        Row("end to end", f"sustained events/s, gateway -> ClickHouse (chdb), {label}",
+            sustained, stage_min, f"≥ {TARGET_EPS:,} events/s", "events/s"),
+        *fresh_rows,
+        Row("end to end", f"gateway peak RSS (VmHWM), {label}", rss["gateway"], None,
+            "≤ 150 MB", "MB"),
+        Row("end to end", f"processor peak RSS (VmHWM), {label}", rss["processor"], None,
+            "≤ 300 MB", "MB"),
+        Row("end to end", f"sink peak RSS (VmHWM), chdb, {label}", rss["sink"], None,
             "bounded by batch settings", "MB"),
         *cpu_rows,
-        Row("end to end", f"ceiling: {cores} cores / CPU per event of all processes",
+        Row("end to end", f"CPU per event, all processes, {label}", total_us, None, "≤ 80 µs",
+            "µs"),
+        Row("end to end", f"ceiling: {cores} cores / CPU per event of all processes, {label}",
             cores * 1e6 / total_us, None, "-", "events/s"),
     ]  # fmt: skip
+    return rows, sustained, total_us

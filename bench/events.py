@@ -11,7 +11,12 @@ import random
 import uuid
 from typing import Any
 
-from ingest.records import RAW_SCHEMA_VERSION, RawEvent
+from ingest.partitioner import partition_for
+from ingest.records import RAW_SCHEMA_VERSION, RawEvent, envelopes
+from ingest.topics import topic
+
+# Records a bench design puts on the raw and enriched topics: MILLIMETRIC_ENVELOPES's values.
+DESIGNS = {"single records": "false", "envelopes": "true"}
 
 URLS = (
     "https://shop.example/?utm_source=facebook&utm_medium=cpc&utm_campaign=spring&fbclid=AbC{n}",
@@ -93,3 +98,15 @@ def batch_body(count: int, seed: int = 11) -> dict[str, Any]:
     """A /v1/batch body of `count` events."""
     rng = random.Random(seed)
     return {"events": [track_body(rng, n) for n in range(count)]}
+
+
+def grouped(records: list[tuple[bytes, bytes]], per_request: int) -> list[tuple[bytes, bytes]]:
+    """The (key, value) events `records` as envelopes, as a producer of `per_request` events at
+    a time groups them (one record per partition per request, under 1 MB)."""
+    partitions = topic("raw").partitions
+    out: list[tuple[bytes, bytes]] = []
+    for start in range(0, len(records), per_request):
+        chunk = records[start : start + per_request]
+        packed = envelopes(chunk, lambda key: partition_for(key, partitions), 1_000_000)
+        out += [(e.key, e.value) for e in packed]
+    return out

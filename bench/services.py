@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench import REPO_ROOT
 from bench.events import GEO_NETWORKS
 from ingest.dev import free_port, wait_for_port
+from ingest.records import ENVELOPE_HEADER
 
 CLICKHOUSE_SERVER_BIN = Path("/usr/sbin/clickhouse-server")
 
@@ -288,6 +289,43 @@ async def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]
         return time.perf_counter() - start
     finally:
         await producer.stop()
+
+
+def events_in(value: bytes | None) -> int:
+    """Events a raw or enriched record carries: an envelope's count (its header leads), else 1."""
+    if value is not None and value.startswith(ENVELOPE_HEADER):
+        return int(value[len(ENVELOPE_HEADER) : value.index(b",", len(ENVELOPE_HEADER))])
+    return 1
+
+
+class EventCount:
+    """How many events a topic's records carry (an envelope counts its events), by reading
+    every record's first bytes: for topics of envelopes, where records are not events."""
+
+    def __init__(self, bootstrap: str, name: str, partitions: int) -> None:
+        self._tps = [TopicPartition(name, p) for p in range(partitions)]
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=4 << 20,
+        )
+        self._total = 0
+
+    async def __aenter__(self) -> EventCount:
+        await self._consumer.start()
+        self._consumer.assign(self._tps)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def count(self) -> int:
+        """The events read so far."""
+        fetched = await self._consumer.getmany(timeout_ms=150)
+        self._total += sum(events_in(m.value) for ms in fetched.values() for m in ms)
+        return self._total
 
 
 async def steady_rate(

@@ -26,7 +26,7 @@ from gateway.segment import SINGLE_ROUTES, is_segment_batch, is_segment_message,
 from gateway.segment import records as segment_records
 from gateway.validate import InvalidBody
 from ingest.metrics import ACCEPTED, RATE_LIMITED
-from ingest.records import Context, encode, record_key
+from ingest.records import Context, encode, event_key
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -90,18 +90,15 @@ class Accepted:
     records: list[tuple[bytes, bytes]]  # (key, encoded value): encoding fails here, not later
     answer: dict[str, Any]
     status: int = 202  # Segment's messages: 200, the only success RudderStack's SDKs know
+    events: bool = True  # raw-topic events (grouped into envelopes), not a forget request
 
 
 Parser = Callable[["Gateway", Context, bytes, Principal, int], Accepted]
 
 
-def _key(record: Any) -> bytes:
-    return record_key(
-        record["project"], record["anonymous_id"], record["user_id"] or record["event_id"]
-    )
-
-
-def _encoded(records: list[Any], key: Callable[[Any], bytes] = _key) -> list[tuple[bytes, bytes]]:
+def _encoded(
+    records: list[Any], key: Callable[[Any], bytes] = event_key
+) -> list[tuple[bytes, bytes]]:
     try:
         return [(key(r), encode(r)) for r in records]
     except TypeError as error:  # orjson.JSONEncodeError; validation should have caught it
@@ -166,6 +163,7 @@ def _forget(gw: Gateway, ctx: Context, body: bytes, who: Principal, now: int) ->
         gw.forget_topic,
         _encoded([record], lambda r: f"{who.project}:{subject}".encode()),
         {"ok": True, "forget_id": record["forget_id"]},
+        events=False,
     )
 
 
@@ -245,7 +243,8 @@ class IngestEndpoint:
                     "rate_limited", {**cors(gw.keys, origin, principal), "retry-after": retry_after}
                 )
             else:
-                await gw.publisher.publish(accepted.topic, accepted.records)
+                grouped = accepted.events and gw.settings.envelopes
+                await gw.publisher.publish(accepted.topic, accepted.records, grouped)
                 ACCEPTED.labels(route).inc(len(accepted.records))
                 await send_json(
                     send, accepted.status, accepted.answer, cors(gw.keys, origin, principal)

@@ -16,7 +16,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from ingest.metrics import BROKER_ACK_SECONDS
-from ingest.partitioner import kafka_partitioner
+from ingest.partitioner import kafka_partitioner, partition_for
+from ingest.records import envelopes
+
+# Largest envelope the gateway builds: under Kafka's default `message.max.bytes` (1 MiB + 12).
+ENVELOPE_MAX_BYTES = 1_000_000
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +64,29 @@ class Publisher:
         if self._producer is not None:
             await self._producer.stop()
 
-    async def publish(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
+    async def publish(
+        self, topic: str, records: Sequence[tuple[bytes, bytes]], grouped: bool = False
+    ) -> None:
         """Send encoded (key, value) pairs; return once all are acknowledged, else
-        BrokerUnavailable."""
+        BrokerUnavailable. `grouped`: as envelopes, one record per partition (in order)."""
         assert self._producer is not None, "start() first"
+        producer = self._producer
         futures: list[asyncio.Future[Any]] = []
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
-                for key, value in records:
-                    futures.append(await self._producer.send(topic, value, key=key))
+                if grouped and len(records) > 1:
+                    count = len(await producer.partitions_for(topic))
+                    for record in envelopes(
+                        records, lambda k: partition_for(k, count), ENVELOPE_MAX_BYTES
+                    ):
+                        send = producer.send(
+                            topic, record.value, key=record.key, partition=record.partition
+                        )
+                        futures.append(await send)
+                else:
+                    for key, value in records:
+                        futures.append(await producer.send(topic, value, key=key))
                 for future in futures:  # in turn: gather costs more than the awaits themselves
                     await future
             BROKER_ACK_SECONDS.labels(topic).observe(time.perf_counter() - started)

@@ -545,7 +545,7 @@ def parser() -> argparse.ArgumentParser:
     st.set_defaults(run=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmark every stage against same-run baselines")
-    bench.add_argument("--quick", action="store_true", help="small sizes: about 4 minutes")
+    bench.add_argument("--quick", action="store_true", help="small sizes: about 6 minutes")
     bench.add_argument("--json", default="bench-results.json", help="where to write the rows")
     bench.add_argument(
         "--read-events",

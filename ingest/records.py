@@ -2,17 +2,28 @@
 
 Records are JSON objects (orjson) with a schema version `v`. Times are epoch milliseconds (UTC).
 TypedDicts cost nothing per event; the gateway has already validated every field.
+
+On the raw and enriched topics a record is either one event (`v` 1, the event itself) or an
+envelope (`v` 2): `{"v":2,"count":N,"events":[...]}`, N ≥ 2 events of one partition in order,
+each a `v` 1 event. An envelope makes Kafka's per-record costs per request instead of per event;
+readers take both (`raw_records`, `enriched_events`), so a topic may hold either kind
+(docs/RECORDS.md has the bytes).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal, NotRequired, TypedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, cast
 
 import orjson
 
 RAW_SCHEMA_VERSION = 1
 ENRICHED_SCHEMA_VERSION = 1
+ENVELOPE_VERSION = 2
+ENVELOPE_HEADER = b'{"v":2,"count":'  # how every envelope begins: readers may count from it
+# Bytes an envelope adds around its events: `{"v":2,"count":N,"events":[` ... `]}`, N < 10^9.
+ENVELOPE_OVERHEAD = 40
 
 
 class Context(TypedDict, total=False):
@@ -157,14 +168,84 @@ encode = orjson.dumps
 decode = orjson.loads
 
 
+def event_key(record: Any) -> bytes:
+    """The partition key of a raw event (an envelope's events each have theirs)."""
+    fallback = record.get("user_id") or record.get("event_id") or ""
+    return record_key(record["project"], record.get("anonymous_id"), fallback)
+
+
+def envelope(events: Sequence[bytes]) -> bytes:
+    """One record holding `events` (each already encoded) in order: the event itself when
+    there is one, else a `v` 2 envelope."""
+    if len(events) == 1:
+        return events[0]
+    return b'%b%d,"events":[%b]}' % (ENVELOPE_HEADER, len(events), b",".join(events))
+
+
+class Envelope(NamedTuple):
+    """A record to send: its partition, key and value, and which input events it carries."""
+
+    partition: int
+    key: bytes
+    value: bytes
+    members: list[int]  # indices into the records given to `envelopes`
+
+
+def envelopes(
+    records: Sequence[tuple[bytes, bytes]], partition: Callable[[bytes], int], max_bytes: int
+) -> list[Envelope]:
+    """The records carrying the encoded (key, event) pairs `records`: one per partition (its
+    events in order, keyed by the first one's key), more when one would pass `max_bytes` (an
+    event larger on its own is alone in its record). A partition's records keep its order."""
+    groups: dict[int, list[int]] = {}
+    for index, (key, _) in enumerate(records):
+        groups.setdefault(partition(key), []).append(index)
+    out: list[Envelope] = []
+    for number, group in groups.items():
+        members: list[int] = []
+        size = ENVELOPE_OVERHEAD
+        for index in group:
+            key, value = records[index]
+            if members and size + len(key) + len(value) + 1 > max_bytes:
+                out.append(_envelope(number, records, members))
+                members, size = [], ENVELOPE_OVERHEAD
+            members.append(index)
+            size += len(key) + len(value) + 1
+        out.append(_envelope(number, records, members))
+    return out
+
+
+def _envelope(
+    partition: int, records: Sequence[tuple[bytes, bytes]], members: list[int]
+) -> Envelope:
+    value = envelope([records[index][1] for index in members])
+    return Envelope(partition, records[members[0]][0], value, members)
+
+
+def _entries(value: bytes) -> list[dict[str, Any]]:
+    record = decode(value)
+    if not isinstance(record, dict):
+        raise TypeError(f"a JSON {type(record).__name__}, not an object")
+    if record.get("v") != ENVELOPE_VERSION:
+        return [record]
+    events = record.get("events")
+    if not isinstance(events, list) or record.get("count") != len(events):
+        raise ValueError("an envelope whose count does not match its events")
+    return events
+
+
 def raw_records(value: bytes) -> list[dict[str, Any]]:
-    """The records one raw-topic record value holds."""
-    return [decode(value)]
+    """The records a raw-topic value carries, in order: one (a `v` 1 event, a webhook delivery,
+    a control record or a heartbeat) or an envelope's events. Raises ValueError/TypeError on a
+    value that is not one of these; an entry that is not an object is returned as it is, for
+    the caller to refuse alone."""
+    return _entries(value)
 
 
 def enriched_events(value: bytes) -> list[EnrichedEvent]:
-    """The events one enriched-topic record value holds."""
-    return [decode(value)]
+    """The events an enriched-topic value carries, in order (a heartbeat is returned as it is:
+    `ingest.heartbeat.is_heartbeat` tells). Raises as `raw_records` does."""
+    return cast(list[EnrichedEvent], _entries(value))
 
 
 class ApiKeyRecord(TypedDict):

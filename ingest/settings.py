@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     kafka_compression: str | None = Field(
         None, description="Producer compression (`gzip`, `lz4`, `zstd`, `snappy`); unset: none."
     )
+    envelopes: bool = Field(
+        True,
+        description="Carry events on the raw and enriched topics in per-partition envelopes "
+        "(one record per partition per request or processor step, docs/RECORDS.md); false: "
+        "one record per event, as before version 2 (readers take both kinds either way).",
+    )
     kafka_min_insync_replicas: int | None = Field(
         None,
         description="`min.insync.replicas` of the topics a stage creates (2 in production, with "
@@ -194,7 +200,11 @@ class Settings(BaseSettings):
     session_timeout_min: int = Field(
         30, description="Bucket width of the derived session_id (`${anonymous_id}-${bucket}`)."
     )
-    processor_batch_size: int = Field(1000, description="Events the processor handles per step.")
+    processor_batch_size: int = Field(
+        1000,
+        description="Records the processor takes per step, and events it enriches and publishes "
+        "at a time (a step of envelopes goes in parts of about this many events).",
+    )
     processor_batch_seconds: float = Field(
         0.05, description="Longest the processor waits to fill a step."
     )

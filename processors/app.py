@@ -29,7 +29,8 @@ import tempfile
 import time
 import tomllib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,16 @@ from ingest.metrics import (
 )
 from ingest.ops_port import serve
 from ingest.partitioner import kafka_partitioner
-from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
+from ingest.records import (
+    Erasure,
+    ForgetControl,
+    ForgetRequest,
+    IdentityLink,
+    decode,
+    encode,
+    event_key,
+    raw_records,
+)
 from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import require
@@ -118,6 +128,21 @@ def identity_link(identify: dict[str, Any]) -> IdentityLink:
         "anonymous_id": identify["anonymous_id"],
         "user_id": identify["user_id"],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One event of a step: the Faust event (record) carrying it, its place in that record's
+    envelope, and its key (the identities table's)."""
+
+    event: Any
+    index: int
+    key: bytes
+
+    def source(self) -> Source:
+        """Where it was read, for its dead letter."""
+        message = self.event.message
+        return Source(message.topic, message.partition, message.offset, self.index)
 
 
 def point_tables_at(event: Any) -> None:
@@ -213,45 +238,76 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             ),
         )
 
-    def letter(reason: str, error: Exception, event: Any, record: dict[str, Any]) -> bytes:
+    def letter(reason: str, error: Exception, at: Entry, record: dict[str, Any]) -> bytes:
         """A dead letter for a decoded raw record, its IP replaced by what enrichment derives."""
         try:
             derived: dict[str, str] | None = dict(enricher.ip_derived(record))  # type: ignore[arg-type]
         except Exception:  # what failed may be this very derivation: then keep neither
             derived = None
-        message = event.message
         context = record.get("context")
         return dead_letter_value(
             reason,
             error,
-            Source(message.topic, message.partition, message.offset),
+            at.source(),
             redact(record, derived),
             context.get("ip") if isinstance(context, dict) else None,
         )
 
-    async def handle_step(events: Sequence[Any], publisher: StepPublisher) -> None:
-        """Enrich a step's events, publish everything it produced; returns once all is acked."""
-        dead = DeadLetters()
+    def undecodable(at: Entry, error: Exception, dead: DeadLetters) -> None:
+        # No content is kept: it could hold an IP anywhere, and no retry could decode it.
+        dead.add("undecodable", dead_letter_value("undecodable", error, at.source(), None, None))
+
+    def unpack(
+        events: Sequence[Any], size: int
+    ) -> Iterator[tuple[list[Entry], list[Any], DeadLetters]]:
+        """A step's records as their events in order (an envelope's each) with their keys, in
+        parts of about `size` events (an envelope is never split); an undecodable record or
+        envelope entry is dead-lettered alone."""
+        entries: list[Entry] = []
         records: list[dict[str, Any] | None] = []
+        dead = DeadLetters()
         for event in events:
             try:
-                record = decode(event.value)
-                if not isinstance(record, dict):
-                    raise TypeError(f"a JSON {type(record).__name__}, not an object")
+                values = raw_records(event.value)
             except Exception as error:
-                message = event.message
-                source = Source(message.topic, message.partition, message.offset)
-                dead.add("undecodable", dead_letter_value("undecodable", error, source, None, None))
-                record = None
-            records.append(record)
+                undecodable(Entry(event, 0, event.key), error, dead)
+                continue
+            for index, record in enumerate(values):
+                # An envelope is keyed by its first event: the others carry their own key.
+                key = event.key
+                try:
+                    if not isinstance(record, dict):
+                        raise TypeError(f"a JSON {type(record).__name__}, not an object")
+                    if index:
+                        key = event_key(record)
+                except Exception as error:
+                    undecodable(Entry(event, index, key), error, dead)
+                    continue
+                entries.append(Entry(event, index, key))
+                records.append(record)
+            if len(entries) >= size:
+                yield entries, records, dead
+                entries, records, dead = [], [], DeadLetters()
+        yield entries, records, dead
 
+    async def handle_step(events: Sequence[Any], publisher: StepPublisher) -> None:
+        """Enrich a step's events and publish everything it produced, in parts of at most about
+        `processor_batch_size` events (so memory stays bounded however many events its envelopes
+        hold); returns once all is acked."""
+        for entries, records, dead in unpack(events, settings.processor_batch_size):
+            await handle_part(entries, records, dead, publisher)
+
+    async def handle_part(
+        entries: list[Entry], records: list[Any], dead: DeadLetters, publisher: StepPublisher
+    ) -> None:
+        """Enrich these events and publish what they produce; returns once all is acked."""
         # A webhook delivery becomes an event here, after the gateway made it durable.
         for index, record in enumerate(records):
             if record is not None and record.get("type") == "webhook":
                 try:
                     records[index] = map_delivery(record, settings.properties_max_bytes)
                 except Exception as error:
-                    dead.add("unmappable", letter("unmappable", error, events[index], record))
+                    dead.add("unmappable", letter("unmappable", error, entries[index], record))
                     records[index] = None
 
         # Links first: the identities table takes a link only once the links topic holds it,
@@ -263,7 +319,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                 try:
                     link = encode(identity_link(record))
                 except Exception as error:
-                    dead.add("enrich_failed", letter("enrich_failed", error, events[index], record))
+                    failed = letter("enrich_failed", error, entries[index], record)
+                    dead.add("enrich_failed", failed)
                     records[index] = None
                     continue
                 links.append((f"{record['project']}:{record['user_id']}".encode(), link))
@@ -271,26 +328,29 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
 
         def link_refused(at: int, error: Exception) -> None:
             index = linked[at]
-            dead.add("link_refused", letter("link_refused", error, events[index], records[index]))  # type: ignore[arg-type]
+            dead.add("link_refused", letter("link_refused", error, entries[index], records[index]))
             records[index] = None
 
         await publisher.publish(publisher.links, links, link_refused)
 
         heartbeats = 0
+        pointed = None
         out: list[tuple[bytes, bytes]] = []
         sources: list[int] = []
-        for index, (event, record) in enumerate(zip(events, records, strict=True)):
+        for index, (entry, record) in enumerate(zip(entries, records, strict=True)):
             if record is None:
                 continue
-            key = event.key
+            key = entry.key
             try:
                 kind = record["type"]
                 if kind == "heartbeat":  # a sink's probe: on to the sinks as it came, uncounted
-                    out.append((key, event.value))
+                    out.append((key, encode(record)))
                     sources.append(index)
                     heartbeats += 1
                     continue
-                point_tables_at(event)
+                if entry.event is not pointed:  # an envelope's events share its partition
+                    point_tables_at(entry.event)
+                    pointed = entry.event
                 if kind in ("forget", "unlink"):
                     identities.pop(key, None)
                     continue
@@ -303,17 +363,19 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                     continue
                 out.append((key, encode(enriched_event)))
             except Exception as error:  # one bad record must not stop the partition
-                dead.add("enrich_failed", letter("enrich_failed", error, event, record))
+                dead.add("enrich_failed", letter("enrich_failed", error, entry, record))
                 continue
             sources.append(index)
 
         def too_large(at: int, error: Exception) -> None:
             index = sources[at]
-            dead.add(
-                "record_too_large", letter("record_too_large", error, events[index], records[index])
-            )  # type: ignore[arg-type]
+            failed = letter("record_too_large", error, entries[index], records[index])  # type: ignore[arg-type]
+            dead.add("record_too_large", failed)
 
-        await publisher.publish(publisher.enriched, out, too_large)
+        if settings.envelopes:
+            await publisher.publish_envelopes(publisher.enriched, out, too_large)
+        else:
+            await publisher.publish(publisher.enriched, out, too_large)
         await publisher.publish_dead_letters(dead)
         PROCESSED.inc(len(out) - heartbeats)
 

@@ -31,6 +31,10 @@ class BatchPublisher:
         self._topic = topic
         self._max_record_bytes = max_record_bytes
 
+    async def partitions(self) -> int:
+        """The topic's partition count, as the cluster has it (cached metadata)."""
+        return len(await self._producer.partitions_for(self._topic))
+
     async def publish(self, records: Sequence[tuple[bytes, bytes]]) -> None:
         """Publish `records` in order per partition; return once the broker acked them all.
 
@@ -43,8 +47,7 @@ class BatchPublisher:
         for key, value in records:
             if len(key) + len(value) + RECORD_OVERHEAD > limit:
                 raise MessageSizeTooLargeError(f"a {len(value)}-byte record for {topic}")
-        # The topic as the cluster has it (cached metadata), as `send` would partition.
-        partitions = len(await producer.partitions_for(topic))
+        partitions = await self.partitions()  # as `send` would partition
         builders: dict[int, Any] = {}
         delivered: list[asyncio.Future[Any]] = []
         for key, value in records:

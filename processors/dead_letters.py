@@ -34,6 +34,7 @@ class Source:
     topic: str
     partition: int
     offset: int
+    index: int = 0  # the event's place in the record's envelope (0: the record's only event)
 
 
 def redact(record: dict[str, Any], derived: dict[str, str] | None) -> dict[str, Any]:
@@ -65,6 +66,7 @@ def dead_letter_value(
                 "topic": source.topic,
                 "partition": source.partition,
                 "offset": source.offset,
+                "index": source.index,
             },
             "record": record,
         }

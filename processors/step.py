@@ -20,9 +20,10 @@ from functools import partial
 from aiokafka import AIOKafkaProducer
 
 from ingest.metrics import DEAD_LETTERS
-from ingest.records import decode, encode
+from ingest.partitioner import partition_for
+from ingest.records import decode, encode, envelopes
 from ingest.retry import retrying
-from processors.batch_publisher import PERMANENT_ERRORS, BatchPublisher
+from processors.batch_publisher import PERMANENT_ERRORS, RECORD_OVERHEAD, BatchPublisher
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class StepPublisher:
         self, producer: AIOKafkaProducer, limit: int, enriched: str, links: str, dead_letter: str
     ) -> None:
         """`limit`: the producer's `max_request_size` (the largest record to send)."""
+        self.limit = limit
         self.enriched = BatchPublisher(producer, enriched, limit)
         self.links = BatchPublisher(producer, links, limit)
         self.dead_letter = BatchPublisher(producer, dead_letter, limit)
@@ -85,6 +87,27 @@ class StepPublisher:
                 )
             except PERMANENT_ERRORS as error:
                 refused(index, error)
+
+    async def publish_envelopes(
+        self,
+        publisher: BatchPublisher,
+        records: Sequence[Record],
+        refused: Callable[[int, Exception], None],
+    ) -> None:
+        """Publish the events `records` as envelopes, one per partition (more when one would
+        pass the record limit); `refused(index, error)` is called for each event of an envelope
+        the broker refuses for good: only an event too large on its own is alone in one."""
+        if not records:
+            return
+        partitions = await publisher.partitions()
+        limit = self.limit - RECORD_OVERHEAD
+        packed = envelopes(records, lambda key: partition_for(key, partitions), limit)
+
+        def envelope_refused(index: int, error: Exception) -> None:
+            for member in packed[index].members:
+                refused(member, error)
+
+        await self.publish(publisher, [(e.key, e.value) for e in packed], envelope_refused)
 
     async def publish_dead_letters(self, dead: DeadLetters) -> None:
         """Put the step's dead letters on the dead-letter topic, acked, and count them. One the

@@ -26,7 +26,7 @@ from ingest.kafka_connection import security_options
 from ingest.lag import watch_in_thread
 from ingest.metrics import DEAD_LETTERS, set_serving
 from ingest.ops_port import serve as serve_metrics
-from ingest.records import decode, encode
+from ingest.records import encode, enriched_events
 from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, require
@@ -106,25 +106,42 @@ class Sink:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume and insert until `stop` is set, then flush and commit the open batch."""
         s = self.settings
+        per_record = 1.0  # events per record lately
         while not stop.is_set():
             wait = s.sink_batch_seconds - self.batch.age() if self.batch.rows else 0.5
+            # Records, not rows, are fetched: an envelope carries several rows.
+            room = (s.sink_batch_rows - self.batch.rows) / per_record
             fetched = await self.consumer.getmany(
-                timeout_ms=max(1, int(wait * 1000)),
-                max_records=max(1, s.sink_batch_rows - self.batch.rows),
+                timeout_ms=max(1, int(wait * 1000)), max_records=max(1, int(room))
             )
             add = self.batch.add
+            records = events = 0
             for tp, messages in fetched.items():
+                last = None
                 for message in messages:
-                    try:
-                        record = decode(message.value or b"")
-                        if is_heartbeat(record):  # its trip time, never a row
-                            arrived(record)
-                            continue
-                        add(record)
+                    if self.batch.rows >= s.sink_batch_rows:  # full: read the rest again later
+                        self.consumer.seek(tp, message.offset)
+                        break
+                    last = message.offset
+                    try:  # one decode per record, envelope or not
+                        values = enriched_events(message.value or b"")
                     except Exception as error:  # poison record: keep it, with the reason
-                        await self._undecodable(tp, message.offset, message.value, error)
-                if messages:
-                    self.batch.consumed(tp, messages[-1].offset)
+                        await self._undecodable(tp, message.offset, message.value or b"", error)
+                        continue
+                    records += 1
+                    events += len(values)
+                    for index, value in enumerate(values):
+                        try:
+                            if is_heartbeat(value):  # its trip time, never a row
+                                arrived(value)  # type: ignore[arg-type]
+                                continue
+                            add(value)
+                        except Exception as error:  # poison event: alone, with the reason
+                            await self._undecodable(tp, message.offset, value, error, index)
+                if last is not None:
+                    self.batch.consumed(tp, last)
+            if records:
+                per_record = max(1.0, events / records)
             full = self.batch.rows >= s.sink_batch_rows
             if (
                 full
@@ -135,14 +152,28 @@ class Sink:
         await self.flush()
 
     async def _undecodable(
-        self, tp: TopicPartition, offset: int, value: bytes | None, error: Exception
+        self,
+        tp: TopicPartition,
+        offset: int,
+        value: bytes | object,
+        error: Exception,
+        index: int = 0,
     ) -> None:
+        """Dead-letter a record that does not decode, or one event of it (`index`: its place in
+        the envelope) that is not a row; its envelope-mates go on."""
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else None
+        if text is None:
+            try:
+                text = encode(value).decode()
+            except TypeError:
+                text = repr(value)
         letter = {
             "reason": f"undecodable: {error!r}",
             "topic": tp.topic,
             "partition": tp.partition,
             "offset": offset,
-            "record": (value or b"").decode("utf-8", "replace"),
+            "index": index,
+            "record": text,
         }
         await self._send_dead_letter("undecodable", letter)
 

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.services import ClickHouseServer, stage, wait_http_ok
 from ingest.dev import EmbeddedBroker, free_port
-from ingest.records import decode
+from ingest.records import raw_records
 from ingest.topics import topic
 from sinks.clickhouse import ServerClickHouse
 from sinks.sql_endpoint import SqlRefused, query_endpoint
@@ -253,8 +253,8 @@ async def read_topic(
         while not until(out) and time.monotonic() < deadline:
             for messages in (await consumer.getmany(timeout_ms=200)).values():
                 for m in messages:
-                    record = decode(m.value)
-                    out[record.get("event_id") or record.get("forget_id")] = record
+                    for record in raw_records(m.value):  # an envelope's events, or the record
+                        out[record.get("event_id") or record.get("forget_id")] = record
         return out
     finally:
         await consumer.stop()

@@ -35,5 +35,5 @@ def test_an_error_quoting_the_ip_is_redacted_too() -> None:
     error = ValueError(f"{IP!r} does not appear to be an IPv4 or IPv6 address")
     letter = decode(dead_letter_value("enrich_failed", error, Source("raw", 3, 7), None, IP))
     assert IP not in letter["reason"] and letter["source"] == {
-        "topic": "raw", "partition": 3, "offset": 7
+        "topic": "raw", "partition": 3, "offset": 7, "index": 0
     }  # fmt: skip

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,8 +35,14 @@ from gateway.responses import BatchAccepted, ErrorBody, ForgetAccepted, TrackAcc
 from gateway.validate import new_id
 from ingest.dev import free_port
 from ingest.errors import ERROR_CODES
+from ingest.partitioner import partition_for
+from ingest.records import event_key
+from ingest.records import raw_records as unpack_raw
 from ingest.settings import Settings
+from ingest.topics import topic
 from tests.services import read_topic
+
+RAW_PARTITIONS = topic("raw").partitions
 
 ORIGIN = "https://site.example"
 JSON = {"content-type": "application/json"}
@@ -199,6 +206,54 @@ async def test_batch_returns_every_event_id_in_order(gw: Gw) -> None:
     ]
     records = await raw_records(gw.bootstrap, ids)
     assert [records[i]["event"] for i in ids] == [f"e{i}" for i in range(5)]
+
+
+async def raw_messages(bootstrap: str, ids: set[str]) -> list[tuple[int, list[dict[str, Any]]]]:
+    """(partition, events) of the raw-topic records carrying any of these event ids, in order
+    per partition (read until all of them showed up)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        name = topic("raw").name
+        await consumer.topics()
+        tps = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[int, list[dict[str, Any]]]] = []
+        seen: set[str] = set()
+        async with asyncio.timeout(30):
+            while not ids <= seen:
+                for messages in (await consumer.getmany(timeout_ms=200)).values():
+                    for m in messages:
+                        events = unpack_raw(m.value)
+                        if carried := {e.get("event_id") for e in events} & ids:
+                            out.append((m.partition, events))
+                            seen |= carried
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def test_a_batch_is_one_record_per_partition_each_visitor_in_order(gw: Gw) -> None:
+    """/v1/batch publishes one record (an envelope) per partition it touches, each event on the
+    partition of its own key, so each visitor's order and the co-partitioning of the processor's
+    tables hold; /v1/track stays one event in one v1 record."""
+    visitors = [f"group-{n}-{uuid.uuid4().hex[:6]}" for n in range(8)]
+    sent = [{"event": f"e{i}", "anonymous_id": visitors[i % 8]} for i in range(40)]
+    ids = check_accepted(await gw.post("/v1/batch", {"events": sent}), "batch")["event_ids"]
+    records = await raw_messages(gw.bootstrap, set(ids))
+    partitions = {partition_for(event_key(e), RAW_PARTITIONS) for _, es in records for e in es}
+    assert len(records) == len(partitions)  # one record per partition
+    for partition, events in records:
+        assert {partition_for(event_key(e), RAW_PARTITIONS) for e in events} == {partition}
+    order = [e["event_id"] for _, events in records for e in events]
+    for visitor in visitors:
+        mine = [i for i, body in zip(ids, sent, strict=True) if body["anonymous_id"] == visitor]
+        assert [i for i in order if i in mine] == mine
+    track = check_accepted(await gw.post("/v1/track", {"event": "one", "anonymous_id": "t1"}),
+                           "track")["event_id"]  # fmt: skip
+    [(_, [single])] = await raw_messages(gw.bootstrap, {track})
+    assert single["v"] == 1 and single["event_id"] == track
 
 
 async def test_batch_is_all_or_nothing_and_names_the_bad_events(gw: Gw) -> None:

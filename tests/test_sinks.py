@@ -12,12 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from clickhouse_driver.errors import NetworkError, ServerException
 
 from bench.services import ClickHouseServer
-from ingest.records import decode, encode
+from ingest.dev import free_port
+from ingest.records import decode, encode, envelope
 from ingest.topics import ensure_topics, topic
 from sinks.clickhouse import refusal
 from tests.services import Pipeline
@@ -159,18 +161,24 @@ def test_redelivered_batch_changes_no_count(sink_only: Pipeline) -> None:
 
 
 def test_refused_and_undecodable_rows_go_to_dead_letter(sink_only: Pipeline) -> None:
+    """Single-event records and envelopes on one topic (a rolling upgrade): a poison record or
+    event is dead-lettered alone; its envelope-mates land."""
     records: list[Any] = [enriched(i) for i in range(20)]
     records.insert(5, enriched(1000, source_confidence="not a number"))
     records.insert(9, b"\xff{not json")
     records.insert(12, encode({"event_id": "missing fields"}))
     produce(sink_only.bootstrap, records)
-    produce(sink_only.bootstrap, [enriched(i) for i in range(20, 40)])  # the partition flows on
+    mates: list[Any] = [enriched(i) for i in range(20, 40)]
+    mates.insert(3, enriched(1001, source_confidence="not a number"))
+    mates.insert(8, {"event_id": "missing fields in an envelope"})
+    produce(sink_only.bootstrap, [envelope([encode(r) for r in mates])])  # flows on
     wait_counts(sink_only, 40)
-    letters = dead_letters(sink_only.bootstrap, 3)
-    assert len(letters) == 3
+    letters = dead_letters(sink_only.bootstrap, 5)
+    assert len(letters) == 5
     text = b"\n".join(letters).decode()
     assert "clickhouse refused" in text and '"event_id":"e1000"' in text
-    assert text.count("undecodable") == 2
+    assert '"event_id":"e1001"' in text
+    assert text.count("undecodable") == 3 and "missing fields in an envelope" in text
 
 
 def test_batch_spanning_more_months_than_one_insert_may_touch_lands(
@@ -303,3 +311,26 @@ def wait_log(log: Path, text: str, timeout: float) -> None:
     while text not in log.read_text(errors="replace"):
         assert time.monotonic() < deadline, f"{log.name} never said {text!r}"
         time.sleep(0.5)
+
+
+def test_a_batch_of_envelopes_stays_within_the_batch_rows(
+    fresh_broker: str, data_dir: Path
+) -> None:
+    """A fetch counts records and an envelope holds many rows: the sink cuts a fetch at
+    MILLIMETRIC_SINK_BATCH_ROWS (reading the rest again), so no insert holds more than that
+    plus one envelope's rows (it used to take the whole first fetch: 1,000 rows at once)."""
+    produce(fresh_broker, [envelope([encode(enriched(i + 100 * n)) for i in range(100)])
+                           for n in range(10)])  # fmt: skip
+    port = free_port()
+    env = {"MILLIMETRIC_SINK_BATCH_ROWS": "100", "MILLIMETRIC_SINK_METRICS_PORT": str(port)}
+    with running_sink(fresh_broker, None, data_dir, env) as sink:
+        wait_counts(sink, 1000)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    samples = dict(
+        line.rsplit(" ", 1)
+        for line in text.splitlines()
+        if line.startswith("millimetric_sink_batch_rows")
+    )
+    assert float(samples['millimetric_sink_batch_rows_bucket{le="500.0"}']) == float(
+        samples["millimetric_sink_batch_rows_count"]
+    ), samples
