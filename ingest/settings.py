@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         "a replication factor of 3, so an `acks=all` write survives losing a broker); unset: "
         "the broker's default.",
     )
+    kafka_session_timeout_s: float = Field(
+        10.0,
+        description="Consumer-group session of the processor and sink (heartbeats every fifth "
+        "of it): a killed member's partitions move after it, and on Tansu a member joining a "
+        "group waits half of it.",
+    )
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT",
         description="How every Kafka client connects: `SSL` (TLS), `SASL_SSL` (TLS and a "

@@ -147,8 +147,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         broker_commit_interval=1.0,
         # A replacement worker waits out its predecessor's session when the broker does not
         # act on LeaveGroup (Tansu): keep that wait short.
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=2.0,
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=settings.kafka_session_timeout_s / 5,
         **extra,
     )
     raw_topic = app.topic(raw.name, partitions=raw.partitions, **BYTES)

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from ingest.heartbeat import arrived, is_heartbeat
 from ingest.heartbeat import send_forever as send_heartbeats
-from ingest.kafka_connection import security_options
+from ingest.kafka_connection import group_options, security_options
 from ingest.lag import watch_in_thread
 from ingest.metrics import DEAD_LETTERS, set_serving
 from ingest.ops_port import serve as serve_metrics
@@ -76,6 +76,7 @@ class Sink:
             bootstrap_servers=bootstrap,
             **self.security,
             group_id=GROUP_ID,
+            **group_options(settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,

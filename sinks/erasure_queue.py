@@ -19,7 +19,7 @@ from functools import partial
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ingest.kafka_connection import security_options
+from ingest.kafka_connection import group_options, security_options
 from ingest.metrics import FORGETS
 from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.retry import retrying
@@ -72,6 +72,7 @@ class ErasureQueue:
             bootstrap_servers=self._bootstrap,
             **security_options(self._settings),
             group_id=EXECUTOR_GROUP,
+            **group_options(self._settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )

@@ -4,7 +4,6 @@ Distributed tables while one replica is stopped and restarted; a delete reaches 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from sinks.cluster import cluster_statements, pending_mutations
 from sinks.erasure import ErasureExecutor
 from sinks.migrate import LEDGER, migrations, statements
 from tests.clickhouse_cluster import CLUSTER, clickhouse_cluster
+from tests.services import stage_env
 from tests.test_sinks import enriched, produce
 
 DATABASE = "analytics"
@@ -113,7 +113,6 @@ def forget_of(anonymous_id: str) -> Erasure:
 def _sink(bootstrap: str, server: ClickHouseServer, data_dir: Path) -> Proc:
     """A sink writing to the cluster through `server`, in small batches (many inserts)."""
     env = {
-        **os.environ,
         "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
         "MILLIMETRIC_CLICKHOUSE_URL": server.url(DATABASE),
@@ -124,7 +123,7 @@ def _sink(bootstrap: str, server: ClickHouseServer, data_dir: Path) -> Proc:
         "MILLIMETRIC_DATA_DIR": str(data_dir),
         "MILLIMETRIC_LOG_LEVEL": "WARNING",
     }
-    return stage("sink", env, data_dir)
+    return stage("sink", stage_env(env), data_dir)
 
 
 def test_sink_writes_through_the_cluster_while_a_replica_restarts(

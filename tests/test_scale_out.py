@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from gateway.rate_limit import Limit
 from ingest.partitioner import partition_for
 from ingest.topics import ensure_topics, topic
 from tests.redis_service import RedisServer
-from tests.services import Pipeline
+from tests.services import Pipeline, stage_env
 from tests.test_gateway_processes import GatewayProcess
 
 pytestmark = pytest.mark.slow
@@ -114,7 +113,6 @@ def test_every_accepted_event_lands_once_through_kills(
     fresh_broker: str, redis_server: RedisServer, ch_url: str, tmp_path: Path
 ) -> None:
     env = {
-        **os.environ,
         "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": fresh_broker,
         "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
         "MILLIMETRIC_IP_SALT": "test-salt",
@@ -134,7 +132,7 @@ def test_every_accepted_event_lands_once_through_kills(
     for name in ("processor", "sink"):
         for i in range(2):
             (tmp_path / f"{name}{i}").mkdir()
-            run_env = env | {"MILLIMETRIC_DATA_DIR": str(tmp_path / f"{name}{i}")}
+            run_env = stage_env(env | {"MILLIMETRIC_DATA_DIR": str(tmp_path / f"{name}{i}")})
             workers.append(stage(name, run_env, tmp_path / f"{name}{i}").start())
     processors, sinks = workers[:2], workers[2:]
     gateways = [
