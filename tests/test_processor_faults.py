@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.services import Proc, stage, stage_env
+from bench.services import Proc, stage
 from ingest.dev import EmbeddedBroker
 from ingest.partitioner import partition_for
 from ingest.records import decode, encode
 from ingest.topics import ensure_topics, topic
+from tests.services import stage_env
 
 RAW, ENRICHED, DEAD = topic("raw"), topic("enriched"), topic("dead_letter")
 IP = "198.51.100.23"
@@ -112,7 +113,16 @@ class Processor:
     def start(self) -> tuple[EmbeddedBroker, Proc]:
         broker = EmbeddedBroker().start()
         asyncio.run(ensure_topics(broker.bootstrap))  # as the table says, before any write
-        env = stage_env(broker.bootstrap, self.root, **self.env)
+        env = stage_env(
+            {
+                "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+                "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
+                "MILLIMETRIC_IP_SALT": "test-salt",
+                "MILLIMETRIC_DATA_DIR": str(self.root),
+                "MILLIMETRIC_LOG_LEVEL": "WARNING",
+                **self.env,
+            }
+        )
         return broker, stage("processor", env, self.root).start()
 
     def restart_on_a_fresh_broker(self) -> None:
