@@ -7,7 +7,7 @@ that the roles it needs exist in the table (`require`), so adding a topic is one
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -93,12 +93,21 @@ TOPICS: dict[str, Topic] = {
 }
 
 
+def namespaced(name: str) -> str:
+    """A topic's or consumer group's name under MILLIMETRIC_KAFKA_NAMESPACE (as is without)."""
+    from ingest.settings import Settings  # read when asked: a test sets it per test
+
+    namespace = Settings().kafka_namespace
+    return f"{namespace}.{name}" if namespace else name
+
+
 def topic(role: str) -> Topic:
     """Return the topic for a role, failing loudly on an unknown role (a wiring bug)."""
     try:
-        return TOPICS[role]
+        found = TOPICS[role]
     except KeyError:
         raise KeyError(f"no topic for role {role!r}; roles: {sorted(TOPICS)}") from None
+    return replace(found, name=namespaced(found.name))
 
 
 def require(*roles: str) -> list[Topic]:

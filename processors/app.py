@@ -51,7 +51,7 @@ from ingest.partitioner import kafka_partitioner
 from ingest.records import Erasure, ForgetControl, ForgetRequest, IdentityLink, decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import require
+from ingest.topics import namespaced, require
 from processors.classify import Classifier
 from processors.dead_letters import Source, dead_letter_value, redact
 from processors.enrich import Enricher
@@ -124,7 +124,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         extra["producer_max_batch_size"] = settings.processor_producer_max_batch_size
     persistent = settings.processor_table_store == "rocksdb"
     app = faust.App(
-        "millimetric-processor",
+        namespaced("millimetric-processor"),
         broker=f"kafka://{bootstrap}",
         broker_credentials=faust_credentials(settings),
         store="rocksdb://" if persistent else "memory://",

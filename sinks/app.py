@@ -29,7 +29,7 @@ from ingest.ops_port import serve as serve_metrics
 from ingest.records import decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import ensure_topics, require
+from ingest.topics import ensure_topics, namespaced, require
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse, Refusal, open_configured, refusal
 from sinks.clickhouse_writer import EventWriter
@@ -75,7 +75,7 @@ class Sink:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             **self.security,
-            group_id=GROUP_ID,
+            group_id=namespaced(GROUP_ID),
             **group_options(settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",

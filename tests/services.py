@@ -40,9 +40,15 @@ INHERITED = (
 TEST_SESSION = {"MILLIMETRIC_KAFKA_SESSION_TIMEOUT_S": "4"}
 
 
+# The test's topic and group names, set per test on an external broker (conftest.py).
+NAMESPACE = "MILLIMETRIC_KAFKA_NAMESPACE"
+
+
 def stage_env(settings: dict[str, str]) -> dict[str, str]:
-    """The explicit environment of a stage subprocess: the OS's basics and `settings`."""
-    return {k: os.environ[k] for k in INHERITED if k in os.environ} | TEST_SESSION | settings
+    """The explicit environment of a stage subprocess: the OS's basics, the test's namespace
+    and `settings`."""
+    inherited = {k: os.environ[k] for k in (*INHERITED, NAMESPACE) if k in os.environ}
+    return inherited | TEST_SESSION | settings
 
 
 @contextmanager

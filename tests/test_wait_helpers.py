@@ -1,5 +1,6 @@
-"""The tests' own polling helpers: a wrong query fails at once with ClickHouse's message,
-instead of polling until a timeout that reports an empty answer."""
+"""The tests' own helpers: a wrong query fails at once with ClickHouse's message, instead of
+polling until a timeout that reports an empty answer; on an external broker each test gets
+topic and consumer-group names of its own."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from bench.services import ClickHouseServer
-from tests.services import Pipeline, not_ready
+from ingest.topics import namespaced, topic
+from tests.services import NAMESPACE, Pipeline, not_ready, stage_env
 
 
 def test_wait_for_fails_at_once_on_a_query_error(
@@ -36,3 +38,12 @@ def test_wait_for_fails_at_once_on_a_query_error(
 )
 def test_only_not_there_yet_errors_are_polled_through(error: str, polled: bool) -> None:
     assert not_ready(error) is polled
+
+
+def test_a_namespace_gives_fresh_topic_and_group_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What conftest's fresh_broker relies on with an external broker (MILLIMETRIC_TEST_KAFKA)."""
+    assert topic("raw").name == "millimetric.raw"
+    monkeypatch.setenv(NAMESPACE, "t1")
+    assert topic("raw").name == "t1.millimetric.raw"
+    assert namespaced("millimetric-sink") == "t1.millimetric-sink"
+    assert stage_env({})[NAMESPACE] == "t1"  # the stages use the test's names too
