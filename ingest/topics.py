@@ -6,8 +6,10 @@ that the roles it needs exist in the table (`require`), so adding a topic is one
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 
@@ -93,11 +95,17 @@ TOPICS: dict[str, Topic] = {
 }
 
 
+@cache
+def _namespace(raw: str | None) -> str:
+    from ingest.settings import Settings
+
+    return Settings().kafka_namespace
+
+
 def namespaced(name: str) -> str:
     """A topic's or consumer group's name under MILLIMETRIC_KAFKA_NAMESPACE (as is without)."""
-    from ingest.settings import Settings  # read when asked: a test sets it per test
-
-    namespace = Settings().kafka_namespace
+    # Keyed by the variable's value: read when asked (a test sets it per test), parsed once.
+    namespace = _namespace(os.environ.get("MILLIMETRIC_KAFKA_NAMESPACE"))
     return f"{namespace}.{name}" if namespace else name
 
 
