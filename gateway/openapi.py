@@ -127,12 +127,38 @@ def _json(model: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=model)}}}
 
 
+# Bodies with a client `timestamp`, which the gateway takes only within a window of its clock.
+TIMESTAMPED = ("TrackBody", "TrackEvent", "IdentifyBody")
+
+
+def express_rules(name: str, schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """A model's schema with the rules the gateway checks beyond the model: the timestamp window
+    (`x-max-age-days`, `x-max-future-s`: JSON Schema has no time relative to now), and a forget
+    naming a user_id, an anonymous_id or both."""
+    if name in TIMESTAMPED:
+        timestamp = schema["properties"]["timestamp"]
+        timestamp["anyOf"] = [
+            branch
+            | {"x-max-age-days": settings.timestamp_max_age_days}
+            | {"x-max-future-s": settings.timestamp_max_future_s}
+            if branch.get("format") == "date-time"
+            else branch
+            for branch in timestamp["anyOf"]
+        ]
+    if name == "ForgetBody":
+        schema["anyOf"] = [
+            {"required": [field], "properties": {field: {"type": "string"}}}
+            for field in ("user_id", "anonymous_id")
+        ]
+    return schema
+
+
 def build_openapi(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a gateway running with `settings`."""
     models: list[type[BaseModel]] = [m for _, req, ok in OPERATIONS.values() for m in (req, ok)]
     models += [ErrorBody, ForgetStatus, Health, Ready, *(m for _, m in READ_ANSWERS.values())]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
-    schemas = top["$defs"]
+    schemas = {name: express_rules(name, schema, settings) for name, schema in top["$defs"].items()}
     events = schemas["BatchBody"]["properties"]["events"]
     events |= {"minItems": 1, "maxItems": settings.batch_max_events}
     paths: dict[str, Any] = {}

@@ -14,7 +14,7 @@ import contextlib
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingest.topics import topic
+from ingest.topics import namespaced, topic
 
 # stage -> (its consumer group, the topics it consumes that carry accepted events). The group
 # names are those the stages use (the Faust app id, sinks/app.py's GROUP_ID).
@@ -72,7 +72,9 @@ class Backlog:
         # Offsets first: a processor commit read now implies its enriched records exist, and
         # the watermarks read after it then count them.
         committed = {
-            stage: await self._admin.list_consumer_group_offsets(group, partitions=self._tps[stage])
+            stage: await self._admin.list_consumer_group_offsets(
+                namespaced(group), partitions=self._tps[stage]
+            )
             for stage, (group, _) in CONSUMERS.items()
         }
         ends = await self._high_watermarks()

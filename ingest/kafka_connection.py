@@ -55,6 +55,12 @@ def security_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def group_options(settings: Settings) -> dict[str, Any]:
+    """The session and heartbeat keyword arguments of an aiokafka consumer in a group."""
+    session_ms = int(settings.kafka_session_timeout_s * 1000)
+    return {"session_timeout_ms": session_ms, "heartbeat_interval_ms": session_ms // 5}
+
+
 def faust_credentials(settings: Settings) -> Any:
     """The same connection for Faust's `broker_credentials` (None over plaintext)."""
     import faust

@@ -24,7 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.metrics import LAG_RECORDS, LAG_SECONDS, set_lagging
 from ingest.settings import Settings
-from ingest.topics import DESTINATIONS, topic
+from ingest.topics import DESTINATIONS, namespaced, topic
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ async def watch(bootstrap: str, groups: Sequence[str], stage: str, settings: Set
     monitors: list[LagMonitor] = []
     for name in groups:
         group, topic_key = CONSUMER_GROUPS[name]
-        monitor = LagMonitor(bootstrap, group, topic(topic_key).name)
+        monitor = LagMonitor(bootstrap, namespaced(group), topic(topic_key).name)
         while True:
             try:
                 await monitor.start()

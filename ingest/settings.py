@@ -51,6 +51,17 @@ class Settings(BaseSettings):
         "a replication factor of 3, so an `acks=all` write survives losing a broker); unset: "
         "the broker's default.",
     )
+    kafka_namespace: str = Field(
+        "",
+        description="Prefix of every topic and consumer-group name (`NS.millimetric.raw`, "
+        "`NS.millimetric-sink`), for several pipelines on one Kafka cluster; empty: none.",
+    )
+    kafka_session_timeout_s: float = Field(
+        10.0,
+        description="Consumer-group session of the processor and sink (heartbeats every fifth "
+        "of it): a killed member's partitions move after it, and on Tansu a member joining a "
+        "group waits half of it.",
+    )
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT",
         description="How every Kafka client connects: `SSL` (TLS), `SASL_SSL` (TLS and a "

@@ -6,8 +6,10 @@ that the roles it needs exist in the table (`require`), so adding a topic is one
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 
@@ -122,12 +124,27 @@ TOPICS: dict[str, Topic] = {
 }
 
 
+@cache
+def _namespace(raw: str | None) -> str:
+    from ingest.settings import Settings
+
+    return Settings().kafka_namespace
+
+
+def namespaced(name: str) -> str:
+    """A topic's or consumer group's name under MILLIMETRIC_KAFKA_NAMESPACE (as is without)."""
+    # Keyed by the variable's value: read when asked (a test sets it per test), parsed once.
+    namespace = _namespace(os.environ.get("MILLIMETRIC_KAFKA_NAMESPACE"))
+    return f"{namespace}.{name}" if namespace else name
+
+
 def topic(role: str) -> Topic:
     """Return the topic for a role, failing loudly on an unknown role (a wiring bug)."""
     try:
-        return TOPICS[role]
+        found = TOPICS[role]
     except KeyError:
         raise KeyError(f"no topic for role {role!r}; roles: {sorted(TOPICS)}") from None
+    return replace(found, name=namespaced(found.name))
 
 
 def require(*roles: str) -> list[Topic]:

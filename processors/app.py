@@ -64,7 +64,7 @@ from ingest.records import (
 )
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import require
+from ingest.topics import namespaced, require
 from processors.classify import Classifier
 from processors.dead_letters import Source, dead_letter_value, redact
 from processors.enrich import Enricher
@@ -164,7 +164,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         extra["producer_max_batch_size"] = settings.processor_producer_max_batch_size
     persistent = settings.processor_table_store == "rocksdb"
     app = faust.App(
-        "millimetric-processor",
+        namespaced("millimetric-processor"),
         broker=f"kafka://{bootstrap}",
         broker_credentials=faust_credentials(settings),
         store="rocksdb://" if persistent else "memory://",
@@ -187,8 +187,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         broker_commit_interval=1.0,
         # A replacement worker waits out its predecessor's session when the broker does not
         # act on LeaveGroup (Tansu): keep that wait short.
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=2.0,
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=settings.kafka_session_timeout_s / 5,
         **extra,
     )
     raw_topic = app.topic(raw.name, partitions=raw.partitions, **BYTES)

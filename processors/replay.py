@@ -37,7 +37,7 @@ from ingest.partitioner import kafka_partitioner
 from ingest.progress import Progress
 from ingest.records import encode, raw_records
 from ingest.settings import Settings
-from ingest.topics import topic
+from ingest.topics import namespaced, topic
 from processors.app import configured_enricher
 from processors.enrich import Enricher
 from processors.geo import CountryLookup
@@ -216,7 +216,7 @@ async def replay(settings: Settings, bootstrap: str, window: Window) -> Outcome:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         **security,
-        group_id=f"{GROUP_PREFIX}{version}",
+        group_id=namespaced(f"{GROUP_PREFIX}{version}"),
         enable_auto_commit=False,
     )
     producer = AIOKafkaProducer(

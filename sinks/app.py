@@ -22,14 +22,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from ingest.heartbeat import arrived, is_heartbeat
 from ingest.heartbeat import send_forever as send_heartbeats
-from ingest.kafka_connection import security_options
+from ingest.kafka_connection import group_options, security_options
 from ingest.lag import watch_in_thread
 from ingest.metrics import DEAD_LETTERS, set_serving
 from ingest.ops_port import serve as serve_metrics
 from ingest.records import encode, enriched_events
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import ensure_topics, require
+from ingest.topics import ensure_topics, namespaced, require
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse, Refusal, open_configured, refusal
 from sinks.clickhouse_writer import EventWriter
@@ -75,7 +75,8 @@ class Sink:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             **self.security,
-            group_id=GROUP_ID,
+            group_id=namespaced(GROUP_ID),
+            **group_options(settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,

@@ -19,12 +19,12 @@ from functools import partial
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ingest.kafka_connection import security_options
+from ingest.kafka_connection import group_options, security_options
 from ingest.metrics import FORGETS
 from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import topic
+from ingest.topics import namespaced, topic
 from sinks.erasure import ErasureExecutor, Forget, MutationsPending, status_record
 from sinks.erasure_filter import ErasureFilter
 
@@ -71,7 +71,8 @@ class ErasureQueue:
             topic("erasures").name,
             bootstrap_servers=self._bootstrap,
             **security_options(self._settings),
-            group_id=EXECUTOR_GROUP,
+            group_id=namespaced(EXECUTOR_GROUP),
+            **group_options(self._settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )

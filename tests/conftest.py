@@ -11,7 +11,7 @@ import pytest
 
 from bench.services import CLICKHOUSE_SERVER_BIN, ClickHouseServer
 from tests.redis_service import RedisServer, running_redis
-from tests.services import clickhouse_server, kafka_broker
+from tests.services import NAMESPACE, clickhouse_server, kafka_broker
 
 # How much of each stage log a failure report shows (the end is where the error is).
 LOG_TAIL = 8000
@@ -25,8 +25,11 @@ def broker() -> Iterator[str]:
 
 
 @pytest.fixture
-def fresh_broker() -> Iterator[str]:
-    """A broker of this test's own (topic names are fixed, so isolation is per broker)."""
+def fresh_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A broker of this test's own; an external one (MILLIMETRIC_TEST_KAFKA) is shared, so
+    there the test gets topic and consumer-group names of its own (a fresh namespace)."""
+    if os.environ.get("MILLIMETRIC_TEST_KAFKA"):
+        monkeypatch.setenv(NAMESPACE, f"t{uuid.uuid4().hex[:12]}")
     with kafka_broker() as bootstrap:
         yield bootstrap
 

@@ -29,6 +29,27 @@ from ingest.topics import topic
 from sinks.clickhouse import ServerClickHouse
 from sinks.sql_endpoint import SqlRefused, query_endpoint
 
+# What a stage subprocess inherits from the test run: the OS's basics, never a MILLIMETRIC_
+# setting of the shell that runs pytest (it would change what the tests run).
+INHERITED = (
+    *("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ"),
+    *("LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV"),
+)
+# Every test stage's consumer groups: a member joins Tansu's group in half the session (2 s,
+# not 5 s), and a killed one is replaced after it.
+TEST_SESSION = {"MILLIMETRIC_KAFKA_SESSION_TIMEOUT_S": "4"}
+
+
+# The test's topic and group names, set per test on an external broker (conftest.py).
+NAMESPACE = "MILLIMETRIC_KAFKA_NAMESPACE"
+
+
+def stage_env(settings: dict[str, str]) -> dict[str, str]:
+    """The explicit environment of a stage subprocess: the OS's basics, the test's namespace
+    and `settings`."""
+    inherited = {k: os.environ[k] for k in (*INHERITED, NAMESPACE) if k in os.environ}
+    return inherited | TEST_SESSION | settings
+
 
 @contextmanager
 def clickhouse_server() -> Iterator[str | ClickHouseServer]:
@@ -99,7 +120,6 @@ class Pipeline:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {
-            **os.environ,
             "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
             "MILLIMETRIC_IP_SALT": "test-salt",
@@ -112,8 +132,8 @@ class Pipeline:
         }
         if clickhouse_url:
             env["MILLIMETRIC_CLICKHOUSE_URL"] = clickhouse_url
-        self.env = env
-        self.stages = {name: stage(name, env, root) for name in ("sink", "processor", "gateway")}
+        self.env = stage_env(env)
+        self.stages = {n: stage(n, self.env, root) for n in ("sink", "processor", "gateway")}
         self.key = ""
         self._server: ServerClickHouse | None = None
 

@@ -4,7 +4,6 @@ Distributed tables while one replica is stopped and restarted; a delete reaches 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from sinks.erasure import ErasureExecutor
 from sinks.migrate import LEDGER, backfill, migrations, statements
 from sinks.rollup_rebuild import rebuild
 from tests.clickhouse_cluster import CLUSTER, clickhouse_cluster
+from tests.services import stage_env
 from tests.test_sinks import enriched, produce
 
 DATABASE = "analytics"
@@ -137,7 +137,6 @@ def forget_of(anonymous_id: str) -> Erasure:
 def _sink(bootstrap: str, server: ClickHouseServer, data_dir: Path) -> Proc:
     """A sink writing to the cluster through `server`, in small batches (many inserts)."""
     env = {
-        **os.environ,
         "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
         "MILLIMETRIC_CLICKHOUSE_URL": server.url(DATABASE),
@@ -148,7 +147,7 @@ def _sink(bootstrap: str, server: ClickHouseServer, data_dir: Path) -> Proc:
         "MILLIMETRIC_DATA_DIR": str(data_dir),
         "MILLIMETRIC_LOG_LEVEL": "WARNING",
     }
-    return stage("sink", env, data_dir)
+    return stage("sink", stage_env(env), data_dir)
 
 
 def test_sink_writes_through_the_cluster_while_a_replica_restarts(

@@ -6,7 +6,6 @@ signals that whole group, as Ctrl-C (or a `kill -9` of the job) does.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +20,8 @@ import pytest
 
 from bench.services import wait_http_ok
 from ingest.ports import free_port
+from sinks.sql_endpoint import SqlRefused, query_endpoint
+from tests.services import not_ready, stage_env
 
 BATCHES, BATCH = 20, 1000
 ACCEPTED = BATCHES * BATCH
@@ -32,14 +33,13 @@ class Dev:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = free_port()
-        self.env = {
-            **os.environ,
-            "MILLIMETRIC_DATA_DIR": str(root / "data"),
-            "MILLIMETRIC_GATEWAY_PORT": str(self.port),
-            "MILLIMETRIC_LOG_LEVEL": "WARNING",
-        }
-        self.env.pop("MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS", None)
-        self.env.pop("MILLIMETRIC_DEV_EPHEMERAL", None)
+        self.env = stage_env(
+            {
+                "MILLIMETRIC_DATA_DIR": str(root / "data"),
+                "MILLIMETRIC_GATEWAY_PORT": str(self.port),
+                "MILLIMETRIC_LOG_LEVEL": "WARNING",
+            }
+        )
         self.runs = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -107,24 +107,37 @@ class Dev:
                 time.sleep(float(r.headers.get("Retry-After", "1")))
             assert r.status_code == 202, r.text
 
+    def sql(self, query: str) -> str:
+        """`millimetric sql QUERY` against this dev, in this process through its running sink's
+        endpoint (a poll costs a round trip, not a Python start); RuntimeError with the error."""
+        try:
+            return query_endpoint(self.root / "data", query)
+        except SqlRefused as error:
+            raise RuntimeError(str(error)) from None
+        except OSError:
+            return self.cli("sql", query)  # no sink serves: the command opens the store itself
+
     def counts(self) -> tuple[int, int, int]:
         """Rows in `events`: plain, with FINAL, and distinct event ids."""
-        out = self.cli(
-            "sql",
+        out = self.sql(
             "SELECT (SELECT count() FROM events), (SELECT count() FROM events FINAL), "
-            "(SELECT uniqExact(event_id) FROM events)",
+            "(SELECT uniqExact(event_id) FROM events)"
         )
         plain, final, distinct = (int(v) for v in out.split())
         return plain, final, distinct
 
     def wait_for_rows(self, rows: int, timeout: float = 300) -> tuple[int, int, int]:
-        """Poll the counts until `events FINAL` holds `rows` (or time runs out); the last ones."""
+        """Poll the counts until `events FINAL` holds `rows` (or time runs out); the last ones.
+        Only "not there yet" errors are polled through: any other fails at once."""
         deadline = time.monotonic() + timeout
         counts = (0, 0, 0)
         while counts[1] < rows and time.monotonic() < deadline:
-            with contextlib.suppress(RuntimeError):  # the sink holds the store, not serving yet
+            try:
                 counts = self.counts()
-            time.sleep(1)
+            except RuntimeError as error:
+                if not not_ready(str(error)):
+                    raise
+            time.sleep(0.5)
         return counts
 
     def output(self) -> str:

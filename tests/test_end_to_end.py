@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from ingest.dev import free_port
-from tests.services import Pipeline
+from tests.services import Pipeline, stage_env
 
 # The spec's "Track a single event" body (millimetric-track.SKILL.md), verbatim.
 SPEC_TRACK = {
@@ -113,8 +112,7 @@ def test_dev_command_as_the_readme_shows(tmp_path: Path) -> None:
     """`millimetric dev`, then keys create, the spec's curl, and `millimetric sql`; twice, with a
     restart between, to show keys and rows survive it."""
     port = free_port()
-    env = {**os.environ, "MILLIMETRIC_GATEWAY_PORT": str(port)}
-    env.pop("MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS", None)
+    env = stage_env({"MILLIMETRIC_GATEWAY_PORT": str(port)})
     key = ""
     for round_ in (1, 2):
         dev = subprocess.Popen(

@@ -25,6 +25,7 @@ from gateway.rate_limit import Limit
 from ingest.dev import EmbeddedBroker, free_port
 from ingest.topics import ensure_topics
 from tests.redis_service import RedisServer
+from tests.services import stage_env
 from tests.test_gateway import raw_records
 
 PUBLISH_TIMEOUT_S = 1.0
@@ -39,14 +40,15 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.stage = stage(
             "gateway",
-            {
-                **os.environ,
-                "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
-                "MILLIMETRIC_GATEWAY_PORT": str(self.port),
-                "MILLIMETRIC_LOG_LEVEL": "WARNING",
-                **{f"MILLIMETRIC_{k.upper()}": v for k, v in env.items()},
-            },
+            stage_env(
+                {
+                    "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                    "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
+                    "MILLIMETRIC_GATEWAY_PORT": str(self.port),
+                    "MILLIMETRIC_LOG_LEVEL": "WARNING",
+                    **{f"MILLIMETRIC_{k.upper()}": v for k, v in env.items()},
+                }
+            ),
             log_dir,
         )
 

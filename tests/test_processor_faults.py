@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.services import Proc, stage, stage_env
+from bench.services import Proc, stage
 from ingest.dev import EmbeddedBroker, free_port
 from ingest.partitioner import partition_for
 from ingest.records import encode, envelope, raw_records
 from ingest.topics import ensure_topics, topic
+from tests.services import stage_env
 from tests.test_batch_publisher import CuttableLink
 
 RAW, ENRICHED, DEAD = topic("raw"), topic("enriched"), topic("dead_letter")
@@ -115,7 +116,16 @@ class Processor:
     def start(self) -> tuple[EmbeddedBroker, Proc]:
         broker = EmbeddedBroker().start()
         asyncio.run(ensure_topics(broker.bootstrap))  # as the table says, before any write
-        env = stage_env(broker.bootstrap, self.root, **self.env)
+        env = stage_env(
+            {
+                "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+                "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
+                "MILLIMETRIC_IP_SALT": "test-salt",
+                "MILLIMETRIC_DATA_DIR": str(self.root),
+                "MILLIMETRIC_LOG_LEVEL": "WARNING",
+                **self.env,
+            }
+        )
         return broker, stage("processor", env, self.root).start()
 
     def restart_on_a_fresh_broker(self) -> None:
@@ -379,7 +389,16 @@ async def _forgets_across_an_outage(broker: EmbeddedBroker, link: CuttableLink, 
     bootstrap = broker.bootstrap
     await ensure_topics(bootstrap)
     # Faust's producer waits this long for an ack before failing a send (20 min by default).
-    env = stage_env(bootstrap, root, PRODUCER_REQUEST_TIMEOUT="2")
+    env = stage_env(
+        {
+            "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
+            "MILLIMETRIC_IP_SALT": "test-salt",
+            "MILLIMETRIC_DATA_DIR": str(root),
+            "MILLIMETRIC_LOG_LEVEL": "WARNING",
+            "PRODUCER_REQUEST_TIMEOUT": "2",
+        }
+    )
     proc = stage("processor", env, root).start()
     try:
         now = int(time.time() * 1000)

@@ -17,7 +17,7 @@ import signal
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from ingest.kafka_connection import security_options
+from ingest.kafka_connection import group_options, security_options
 from ingest.lag import watch_in_thread
 from ingest.metrics import set_serving
 from ingest.ops_port import serve as serve_metrics
@@ -69,6 +69,7 @@ async def serve(settings: Settings, bootstrap: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     serve_metrics("destinations", settings.destinations_metrics_port, settings.metrics_host)
     security = security_options(settings)
+    grouped = {**security, **group_options(settings)}  # for the consumers in a group
     names = [d.name for d in destinations]
     await ensure_topics(
         bootstrap,
@@ -105,11 +106,11 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     timeout = httpx.Timeout(settings.destinations_timeout_s)
     async with httpx.AsyncClient(timeout=timeout) as client:
         runners = [
-            Runner(d, settings, bootstrap, security, client, producer, erasures)
+            Runner(d, settings, bootstrap, grouped, client, producer, erasures)
             for d in destinations
         ]
         forwarders = [
-            ForgetForwarder(d, settings, bootstrap, security, client, producer)
+            ForgetForwarder(d, settings, bootstrap, grouped, client, producer)
             for d in deletions(settings)
         ]
         await asyncio.gather(*(x.start() for x in (*runners, *forwarders)))  # each joins apart

@@ -22,7 +22,7 @@ from ingest.lag import destination_group
 from ingest.records import Erasure, decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import require
+from ingest.topics import namespaced, require
 from sinks.destinations.contract import Deletion, message
 from sinks.destinations.runner import answered
 
@@ -51,7 +51,7 @@ class ForgetForwarder:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             **security,
-            group_id=group_id or f"{destination_group(self.name)}-forgets",
+            group_id=group_id or namespaced(f"{destination_group(self.name)}-forgets"),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )

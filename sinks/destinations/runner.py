@@ -28,7 +28,7 @@ from ingest.metrics import DEAD_LETTERS, DESTINATION_FAILED, DESTINATION_SENT, D
 from ingest.records import EnrichedEvent, encode, enriched_events
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import require
+from ingest.topics import namespaced, require
 from sinks.destinations.contract import (
     RETRYABLE_STATUSES,
     Answer,
@@ -125,7 +125,7 @@ class Runner:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             **security,
-            group_id=group_id or destination_group(self.name),
+            group_id=group_id or namespaced(destination_group(self.name)),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )

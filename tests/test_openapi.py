@@ -1,0 +1,122 @@
+"""/openapi.json checked by an OpenAPI validator and by a schema-driven fuzzer (schemathesis)
+against a running gateway: every answer to a request drawn from the document matches the
+document, and on the ingest routes (track, identify, batch, forget) what the document allows is
+accepted: it states the timestamp window and that a forget names a user_id or an anonymous_id."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from openapi_spec_validator import validate
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    positive_data_acceptance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from gateway.key_admin import create_key, set_project_limit
+from gateway.openapi import build_openapi
+from gateway.rate_limit import Limit
+from ingest.settings import Settings
+from tests.test_gateway_processes import GatewayProcess, wait
+
+EXAMPLES = 6  # per operation: ~150 requests, a few seconds
+ACCEPTING = {"/v1/track", "/v1/identify", "/v1/batch", "/v1/forget"}
+CONFORMANCE = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
+WINDOW_FORMAT = "millimetric-window"  # what this test draws for a windowed timestamp
+
+
+def test_the_document_is_valid_openapi() -> None:
+    doc = build_openapi(Settings(timestamp_max_age_days=30, timestamp_max_future_s=600))
+    validate(doc)
+    timestamp = doc["components"]["schemas"]["TrackEvent"]["properties"]["timestamp"]
+    assert {"format": "date-time", "x-max-age-days": 30, "x-max-future-s": 600}.items() <= (
+        timestamp["anyOf"][0].items()
+    )
+    forget = doc["components"]["schemas"]["ForgetBody"]
+    assert [branch["required"] for branch in forget["anyOf"]] == [["user_id"], ["anonymous_id"]]
+
+
+def windowed(node: Any) -> Any:
+    """The document with each windowed date-time drawn by WINDOW_FORMAT."""
+    if isinstance(node, dict):
+        if "x-max-age-days" in node:
+            return {"type": "string", "format": WINDOW_FORMAT}
+        return {k: windowed(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [windowed(v) for v in node]
+    return node
+
+
+def fuzz(operation: Any, base_url: str, headers: dict[str, str]) -> None:
+    """EXAMPLES requests drawn from one operation's part of the document, each answer checked."""
+    checks = CONFORMANCE + ([positive_data_acceptance] if operation.path in ACCEPTING else [])
+
+    @given(case=operation.as_strategy())
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    def answers(case: schemathesis.Case) -> None:
+        case.call_and_validate(base_url=base_url, headers=headers, checks=checks)
+
+    answers()
+
+
+def test_the_gateway_answers_as_its_document_says(broker: str, tmp_path: Path) -> None:
+    max_age_days, max_future_s = 30, 600
+    gw = GatewayProcess(
+        broker,
+        tmp_path,
+        invalid_request_burst="100000",
+        timestamp_max_age_days=str(max_age_days),
+        timestamp_max_future_s=str(max_future_s),
+    ).start()
+    try:
+        project = f"openapi-{uuid.uuid4().hex[:8]}"
+        # Room for every drawn request (Segment's routes count against track's bucket).
+        for route in ("track", "identify", "batch", "forget"):
+            asyncio.run(set_project_limit(broker, project, route, Limit(rate=1000, burst=1000)))
+        key = asyncio.run(create_key(broker, project, "sk", "live", []))
+        gw.wait_ready()
+        wait(lambda: gw.knows(key), timeout=60)
+        # A margin each side for the run's own duration and the clocks.
+        now = datetime.now(UTC).replace(tzinfo=None)
+        earliest = now - timedelta(days=max_age_days - 1)
+        latest = now + timedelta(seconds=max_future_s - 120)
+        schemathesis.openapi.format(
+            WINDOW_FORMAT,
+            st.datetimes(earliest, latest, timezones=st.just(UTC)).map(
+                lambda t: t.isoformat(timespec="milliseconds")
+            ),
+        )
+        document = httpx.get(f"{gw.url}/openapi.json", timeout=30).json()
+        schema = schemathesis.openapi.from_dict(windowed(document))
+        headers = {"Authorization": f"Bearer {key}"}
+        tested = 0
+        for result in schema.get_all_operations():
+            fuzz(result.ok(), gw.url, headers)
+            tested += 1
+        assert tested == sum(len(operations) for operations in document["paths"].values())
+    finally:
+        gw.stage.stop()
