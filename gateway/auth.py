@@ -53,6 +53,7 @@ class Principal:
     project: str
     kind: str
     prefix: str
+    env: str = "live"  # "test" for *_test_* keys: their events are marked so
 
 
 class AuthError(Exception):
@@ -207,7 +208,7 @@ class KeyStore:
             raise AuthError(refusal)
         if record["kind"] == "pk" and (origin is None or origin not in record["origins"]):
             raise AuthError("origin_not_allowed")
-        return Principal(record["project"], record["kind"], record["prefix"])
+        return Principal(record["project"], record["kind"], record["prefix"], record["env"])
 
     async def stop(self) -> None:
         """Stop following the topic."""

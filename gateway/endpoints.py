@@ -217,6 +217,8 @@ class IngestEndpoint:
             principal = gw.keys.authenticate(credentials, origin, route)
             client = scope.get("client")
             ctx = gw.context.build(client[0] if client else None, headers)
+            if principal.env == "test":  # destinations skip test traffic (README, Destinations)
+                ctx["env"] = "test"
             # pk_ keys are public: one client's invalid requests must not block the others.
             sender = principal.prefix
             if principal.kind == "pk":

@@ -33,6 +33,7 @@ class Context(TypedDict, total=False):
     user_agent: str
     country: str  # from a trusted edge header, when configured
     ip_hash: str  # only in dead letters, which carry it (and country) in place of `ip`
+    env: str  # "test" when a test key sent the event; absent for live keys
 
 
 class RawEvent(TypedDict):
@@ -90,6 +91,7 @@ class EnrichedEvent(TypedDict):
     is_bot: bool
     ip_hash: str
     version: NotRequired[int]  # set by `millimetric replay` (its start, ms); none: 0, live
+    env: NotRequired[str]  # "test" when a test key sent it (the raw context's `env`)
 
 
 class ForgetRequest(TypedDict):

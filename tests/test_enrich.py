@@ -66,3 +66,11 @@ def test_the_same_raw_record_enriches_to_the_same_row() -> None:
     again = enricher().enrich(raw(), "u")  # type: ignore[arg-type]
     assert first == again
     assert first["anonymous_id"] and first["session_id"] and first["ip_hash"]
+
+
+def test_a_test_keys_event_is_marked_and_a_live_ones_is_not() -> None:
+    # Destinations skip test traffic by this mark (README, Destinations).
+    e = enricher()
+    marked = e.enrich(raw(context={"ip": IP, "env": "test"}))  # type: ignore[arg-type]
+    assert marked["env"] == "test"  # type: ignore[typeddict-item]
+    assert "env" not in e.enrich(raw())  # type: ignore[arg-type]

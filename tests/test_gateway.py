@@ -185,6 +185,17 @@ async def test_track_202_after_the_ack_and_on_the_raw_topic(gw: Gw) -> None:
     assert "country" not in record  # a field the server adds is ignored when sent
 
 
+async def test_a_test_keys_events_are_marked_on_the_raw_topic(gw: Gw) -> None:
+    test_key = await create_key(gw.bootstrap, gw.project, "sk", "test", [])
+    await wait_until(lambda: known(gw, test_key))
+    test_id = check_accepted(await gw.post("/v1/track", {"event": "t"}, test_key), "track")
+    live_id = check_accepted(await gw.post("/v1/track", {"event": "l"}), "track")
+    ids = [test_id["event_id"], live_id["event_id"]]
+    records = await raw_records(gw.bootstrap, ids)
+    assert records[ids[0]]["context"]["env"] == "test"  # destinations skip these
+    assert "env" not in records[ids[1]]["context"]
+
+
 async def test_identify_flows_as_an_identify_event(gw: Gw) -> None:
     body = {"anonymous_id": "u_abc", "user_id": "user_42", "traits": {"plan": "pro"}}
     event_id = check_accepted(await gw.post("/v1/identify", body), "identify")["event_id"]
