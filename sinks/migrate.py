@@ -3,7 +3,9 @@
 Files are templates: `$NAME` placeholders take the type or clause the server version supports
 (the table below), so one migration serves current ClickHouse and the Debian 18.16 server.
 Every statement is idempotent (IF NOT EXISTS; a RENAME whose first target exists is skipped), so
-a migration interrupted half-way is re-run.
+a migration interrupted half-way is re-run. Sinks starting together on a fresh database race
+(one's ALTER finds the column the other added): the loser tries again after a jittered pause,
+and by then reads the winner's ledger.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import re
 from importlib import resources
 from string import Template
 
+from tenacity import Retrying, before_sleep_log, stop_after_attempt, wait_random_exponential
+
 from sinks.clickhouse import ClickHouse, Features
 from sinks.cluster import LOCAL, statements_for
 
 log = logging.getLogger(__name__)
+
+MIGRATE_ATTEMPTS = 6  # ~15 s of pauses at most: a concurrent sink's migrations finish by then
 
 _RENAME_TARGET = re.compile(r"RENAME TABLE \w+ TO (\w+)")
 _VIEW = re.compile(
@@ -71,13 +77,28 @@ def backfill(statement: str) -> str | None:
     return None
 
 
-def migrate(ch: ClickHouse) -> list[int]:
+def migrate(ch: ClickHouse, attempts: int = MIGRATE_ATTEMPTS) -> list[int]:
     """Apply every migration not applied yet; return the versions applied now. On a cluster,
-    every statement runs in its cluster form (sinks/cluster.py), the ledger included."""
+    every statement runs in its cluster form (sinks/cluster.py), the ledger included. A failure
+    is tried again `attempts` times in all (another sink may be migrating), then raised."""
+    applied: list[int] = []
+    retrying = Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_random_exponential(multiplier=0.5, max=5),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            _apply(ch, applied)
+    return applied
+
+
+def _apply(ch: ClickHouse, applied: list[int]) -> None:
+    """One pass of `migrate`, appending each version applied to `applied`."""
     for statement in statements_for(ch, LEDGER):
         ch.execute(statement)
     done = {int(v) for v in ch.query_tsv("SELECT version FROM schema_migrations").split()}
-    applied = []
     for version, name, template in migrations():
         if version in done:
             continue
@@ -93,7 +114,6 @@ def migrate(ch: ClickHouse) -> list[int]:
         )
         log.info("applied migration %04d_%s", version, name)
         applied.append(version)
-    return applied
 
 
 def _renamed_before(ch: ClickHouse, statement: str) -> bool:

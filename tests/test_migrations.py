@@ -5,6 +5,7 @@ drops old events (where the server has TTL) and keeps the aggregates."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,24 @@ def ch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ClickHouse]:
 
 def ledger(ch: ClickHouse) -> str:
     return ch.query_tsv("SELECT version FROM schema_migrations FINAL ORDER BY version")
+
+
+def test_sinks_migrating_a_fresh_database_together_both_start(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Two sinks started at once on a fresh server database: one's ALTER used to find the
+    # column the other had just added, and that sink died.
+    url = request.getfixturevalue("ch_url")
+    clients = [ServerClickHouse(url) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            results = list(pool.map(migrate, clients))
+        assert {v for applied in results for v in applied} == set(SHIPPED)
+        assert ledger(clients[0]).split() == [str(v) for v in SHIPPED]
+        assert migrate(clients[0]) == []
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_a_rerun_is_a_no_op_and_a_new_file_applies_once(
@@ -59,7 +78,7 @@ def test_an_interrupted_migration_resumes(ch: ClickHouse, monkeypatch: pytest.Mo
     )
     monkeypatch.setattr(migrate_module, "migrations", lambda: [*migrations(), (9002, "half", half)])
     with pytest.raises(Exception, match="not_yet"):
-        migrate(ch)
+        migrate(ch, attempts=1)
     assert "9002" not in ledger(ch).split()  # not recorded: the next start runs it again
     ch.execute("CREATE TABLE not_yet (x UInt8) ENGINE = MergeTree ORDER BY x")
     assert migrate(ch) == [9002]
@@ -107,7 +126,7 @@ def test_event_versions_keep_the_rows_and_aggregates_and_resume_after_the_rename
     broken = versions[2][:cut] + "INSERT INTO not_there SELECT 1"
     monkeypatch.setattr(migrate_module, "migrations", lambda: [*before, (5, "cut", broken)])
     with pytest.raises(Exception, match="not_there"):
-        migrate(ch)
+        migrate(ch, attempts=1)
     monkeypatch.setattr(migrate_module, "migrations", lambda: shipped)
     assert migrate(ch) == [v for v, _, _ in shipped if v >= 5]
     assert ch.query_tsv("SELECT event_id, version FROM events") == "old\t0\n"
