@@ -118,12 +118,7 @@ class Sink:
             add = self.batch.add
             records = events = 0
             for tp, messages in fetched.items():
-                last = None
                 for message in messages:
-                    if self.batch.rows >= s.sink_batch_rows:  # full: read the rest again later
-                        self.consumer.seek(tp, message.offset)
-                        break
-                    last = message.offset
                     try:  # one decode per record, envelope or not
                         values = enriched_events(message.value or b"")
                     except Exception as error:  # poison record: keep it, with the reason
@@ -139,8 +134,8 @@ class Sink:
                             add(value)
                         except Exception as error:  # poison event: alone, with the reason
                             await self._undecodable(tp, message.offset, value, error, index)
-                if last is not None:
-                    self.batch.consumed(tp, last)
+                if messages:
+                    self.batch.consumed(tp, messages[-1].offset)
             if records:
                 per_record = max(1.0, events / records)
             full = self.batch.rows >= s.sink_batch_rows

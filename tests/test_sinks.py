@@ -12,13 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from clickhouse_driver.errors import NetworkError, ServerException
 
 from bench.services import ClickHouseServer
-from ingest.dev import free_port
 from ingest.records import decode, encode, envelope
 from ingest.topics import ensure_topics, topic
 from sinks.clickhouse import refusal
@@ -313,26 +311,3 @@ def wait_log(log: Path, text: str, timeout: float) -> None:
     while text not in log.read_text(errors="replace"):
         assert time.monotonic() < deadline, f"{log.name} never said {text!r}"
         time.sleep(0.5)
-
-
-def test_a_batch_of_envelopes_stays_within_the_batch_rows(
-    fresh_broker: str, data_dir: Path
-) -> None:
-    """A fetch counts records and an envelope holds many rows: the sink cuts a fetch at
-    MILLIMETRIC_SINK_BATCH_ROWS (reading the rest again), so no insert holds more than that
-    plus one envelope's rows (it used to take the whole first fetch: 1,000 rows at once)."""
-    produce(fresh_broker, [envelope([encode(enriched(i + 100 * n)) for i in range(100)])
-                           for n in range(10)])  # fmt: skip
-    port = free_port()
-    env = {"MILLIMETRIC_SINK_BATCH_ROWS": "100", "MILLIMETRIC_SINK_METRICS_PORT": str(port)}
-    with running_sink(fresh_broker, None, data_dir, env) as sink:
-        wait_counts(sink, 1000)
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    samples = dict(
-        line.rsplit(" ", 1)
-        for line in text.splitlines()
-        if line.startswith("millimetric_sink_batch_rows")
-    )
-    assert float(samples['millimetric_sink_batch_rows_bucket{le="500.0"}']) == float(
-        samples["millimetric_sink_batch_rows_count"]
-    ), samples
