@@ -151,6 +151,8 @@ class KeyStore:
         if record.get("record") == "forget_status":
             self._forgets[record["forget_id"]] = record  # type: ignore[assignment]
             return
+        if record.get("record") == "destination":  # the destinations process's, not ours
+            return
         if (handle := self._handlers.get(record.get("record", ""))) is not None:
             handle(record)
             return

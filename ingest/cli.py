@@ -3,6 +3,7 @@
 millimetric dev                      the whole pipeline, embedded
 millimetric gateway|processor|sink   one stage (production: one process each, scaled apart)
 millimetric destinations run         forward enriched events to PostHog, Mixpanel, Amplitude...
+millimetric destinations add|list|remove   a project's own destinations
 millimetric keys create|list|revoke  API keys
 millimetric keys limits              a project's rate limit on one route
 millimetric hooks create|list|rotate|revoke   webhook receivers (Stripe, GitHub, Shopify, ...)
@@ -90,10 +91,47 @@ def cmd_sink(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# `destinations add` options: (name -> help); secrets are encrypted at rest (README, Destinations).
+DESTINATION_OPTIONS = {
+    "api_key": "posthog, amplitude: the project API key (secret)",
+    "token": "mixpanel: the project token (secret)",
+    "api_secret": "mixpanel: the API secret, for the import API (secret)",
+    "host": "posthog, mixpanel, amplitude: the API host",
+    "url": "webhook: where batches are POSTed",
+    "auth": "webhook: the Authorization header (secret)",
+    "secret": "webhook: a whsec_ signing secret (secret)",
+}
+
+
 def cmd_destinations(settings: Settings, args: argparse.Namespace) -> int:
     from sinks.destinations.app import serve
 
     asyncio.run(serve(settings, _bootstrap(settings)))
+    return 0
+
+
+def cmd_project_destinations(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.kafka_connection import security_options
+    from sinks.destinations import project_destinations as pd
+
+    bootstrap, security = _bootstrap(settings), security_options(settings)
+    try:
+        if args.destinations_command == "add":
+            given = {n: getattr(args, n) for n in DESTINATION_OPTIONS if getattr(args, n)}
+            record = pd.new_record(settings, args.project, args.type, given)
+            asyncio.run(pd.publish(bootstrap, record, security=security))
+            print(f"added {args.type} destination for project {args.project!r}:", file=sys.stderr)
+            print(record["destination_id"])
+        elif args.destinations_command == "list":
+            found = pd.current(bootstrap, security=security)
+            for row in pd.shown(list(asyncio.run(found).values())):
+                if args.project in (None, row["project"]):
+                    print(json.dumps(row))
+        else:
+            asyncio.run(pd.remove(bootstrap, args.destination_id, security=security))
+            print(f"destination {args.destination_id}: removed")
+    except (ValueError, OSError) as error:
+        sys.exit(f"millimetric destinations: {error}")
     return 0
 
 
@@ -461,6 +499,20 @@ def parser() -> argparse.ArgumentParser:
     dest_commands.add_parser(
         "run", help="run every destination configured (README, Destinations)"
     ).set_defaults(run=cmd_destinations)
+    dadd = dest_commands.add_parser("add", help="add a destination of one project")
+    dadd.set_defaults(run=cmd_project_destinations)
+    dadd.add_argument("--project", required=True)
+    dadd.add_argument(
+        "--type", required=True, choices=["posthog", "mixpanel", "amplitude", "webhook"]
+    )
+    for name, about in DESTINATION_OPTIONS.items():
+        dadd.add_argument("--" + name.replace("_", "-"), dest=name, help=about)
+    dls = dest_commands.add_parser("list", help="list per-project destinations (no secrets)")
+    dls.set_defaults(run=cmd_project_destinations)
+    dls.add_argument("--project")
+    drm = dest_commands.add_parser("remove", help="remove a per-project destination")
+    drm.set_defaults(run=cmd_project_destinations)
+    drm.add_argument("destination_id")
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys.set_defaults(run=cmd_keys)

@@ -304,6 +304,24 @@ class HookRecord(TypedDict):
     revoked_at: int | None
 
 
+class DestinationRecord(TypedDict):
+    """A per-project destination on the keys topic, keyed `destination:{destination_id}`.
+
+    A destination must send its credentials, so they cannot be hashed: `secrets` holds each one
+    Fernet-encrypted (sinks/destinations/project_destinations.py); `settings` the others.
+    """
+
+    v: int
+    record: Literal["destination"]
+    destination_id: str
+    project: str
+    type: str  # posthog, mixpanel, amplitude or webhook
+    settings: dict[str, str]  # e.g. url, host
+    secrets: dict[str, str]  # e.g. api_key, token, auth: Fernet tokens, never plaintext
+    created_at: int
+    removed_at: int | None
+
+
 class WebhookDelivery(TypedDict):
     """A verified webhook delivery on the raw topic; the processor maps it to a track event."""
 

@@ -467,6 +467,13 @@ class Settings(BaseSettings):
     destinations_timeout_s: float = Field(
         30.0, description="Longest a destination waits for a provider's answer."
     )
+    destinations_secret_key: SecretStr | None = Field(
+        None,
+        description="Key that encrypts per-project destinations' credentials on the keys topic "
+        "(`millimetric destinations add`; any string, stretched to a Fernet key). Unset: one is "
+        "generated into `<data_dir>/destinations_key`, so `add` and `run` must share that "
+        "directory; set it where they do not.",
+    )
     destinations_metrics_port: int | None = Field(
         None,
         description="Serve the destinations process's Prometheus metrics (and `/health`, "

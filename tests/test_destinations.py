@@ -634,3 +634,88 @@ def test_destinations_waiting_for_the_sinks_store_stop_when_asked(
         assert proc.proc.wait(30) == 0
     finally:
         proc.stop(kill=True)
+
+
+def millimetric(env: dict[str, str], *args: str) -> str:
+    """Run the `millimetric` command; its stdout (it must succeed)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "ingest.cli", *args], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_a_projects_own_destination_gets_its_events_only_until_it_is_removed(
+    broker: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    from sinks.destinations.project_runners import ProjectRunners
+
+    await ensure_topics(broker)
+    own, other = f"own_{uuid.uuid4().hex[:6]}", f"other_{uuid.uuid4().hex[:6]}"
+    env = {
+        **os.environ,
+        "MILLIMETRIC_KAFKA_BOOTSTRAP_SERVERS": broker,
+        "MILLIMETRIC_KAFKA_IDEMPOTENCE": "false",
+        "MILLIMETRIC_DATA_DIR": str(tmp_path),  # where the encryption key is generated
+    }
+    url, auth = receiver.url("webhook") + "/own", "Bearer s3cret-own-token"
+    add = ["destinations", "add", "--project", own, "--type", "webhook", "--url", url]
+    added = await asyncio.to_thread(millimetric, env, *add, "--auth", auth)
+    destination_id = added.strip()
+    listed = await asyncio.to_thread(millimetric, env, "destinations", "list", "--project", own)
+    assert destination_id in listed and auth not in listed
+    stored = await raw_keys_records(broker, f"destination:{destination_id}".encode())
+    assert stored and all(auth.encode() not in value for value in stored)
+
+    settings = runner_settings(receiver, data_dir=tmp_path)
+    stop = asyncio.Event()
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        projects = ProjectRunners(settings, broker, {}, {}, client, producer, ErasureFilter())
+        task = asyncio.ensure_future(projects.run(stop))
+        try:
+            mine, theirs = enriched(project=own), enriched(project=other)
+            await produce(broker, [mine, theirs])
+
+            def arrived() -> set[str]:
+                return {
+                    e["event_id"]
+                    for r in receiver.of("webhook")
+                    if r.path == "/own"
+                    for e in r.events()
+                }
+
+            await wait_until(lambda: mine["event_id"] in arrived())
+            assert receiver.of("webhook")[0].headers["authorization"] == auth
+            await asyncio.to_thread(millimetric, env, "destinations", "remove", destination_id)
+            await wait_until(lambda: not projects.running)
+            later = enriched(project=own)
+            await produce(broker, [later])
+            await asyncio.sleep(2)  # ten times the batch age: it would have been sent
+            assert arrived() & {theirs["event_id"], later["event_id"]} == set()
+        finally:
+            stop.set()
+            await task
+            await producer.stop()
+
+
+async def raw_keys_records(bootstrap: str, key: bytes) -> list[bytes]:
+    """The values on the keys topic under `key`, as stored."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic("keys").name, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        found: list[bytes] = []
+        while await consumer.position(tp) < end:
+            for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                found += [m.value or b"" for m in messages if m.key == key]
+        return found
+    finally:
+        await consumer.stop()

@@ -23,10 +23,11 @@ from ingest.metrics import set_serving
 from ingest.ops_port import serve as serve_metrics
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import ensure_topics
+from ingest.topics import DESTINATIONS, ensure_topics
 from sinks.clickhouse import open_configured
 from sinks.destinations.configured import configured, deletions
 from sinks.destinations.forgets import ForgetForwarder
+from sinks.destinations.project_runners import ProjectRunners
 from sinks.destinations.runner import Runner
 from sinks.erasure_filter import ErasureFilter, follow
 from sinks.sql_endpoint import query_endpoint
@@ -59,10 +60,9 @@ def _load_suppressions(settings: Settings, erasures: ErasureFilter) -> int:
 
 
 async def serve(settings: Settings, bootstrap: str) -> None:
-    """Run every configured destination until SIGINT/SIGTERM."""
+    """Run every configured destination, and every project's own (`destinations add`), until
+    SIGINT/SIGTERM."""
     destinations = configured(settings)
-    if not destinations:
-        raise SystemExit("millimetric destinations: none configured (see README, Destinations)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -74,7 +74,13 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     await ensure_topics(
         bootstrap,
         settings.kafka_replication_factor,
-        ["enriched", "erasures", "forget_destinations", *(f"dead_letter_{n}" for n in names)],
+        [
+            "enriched",
+            "erasures",
+            "forget_destinations",
+            "keys",
+            *(f"dead_letter_{n}" for n in DESTINATIONS),
+        ],
         min_insync_replicas=settings.kafka_min_insync_replicas,
         security=security,
     )
@@ -113,12 +119,17 @@ async def serve(settings: Settings, bootstrap: str) -> None:
             ForgetForwarder(d, settings, bootstrap, grouped, client, producer)
             for d in deletions(settings)
         ]
+        projects = ProjectRunners(
+            settings, bootstrap, security, grouped, client, producer, erasures
+        )
         await asyncio.gather(*(x.start() for x in (*runners, *forwarders)))  # each joins apart
         set_serving("destinations", True)
         watch_in_thread(bootstrap, names, "destinations", settings)
-        log.info("destinations running: %s", ", ".join(names))
+        log.info("destinations running: %s, and every project's own", ", ".join(names) or "none")
         try:
-            await asyncio.gather(*(x.run(stop) for x in (*runners, *forwarders)), follower)
+            await asyncio.gather(
+                *(x.run(stop) for x in (*runners, *forwarders, projects)), follower
+            )
         finally:
             set_serving("destinations", False)
             for x in (*runners, *forwarders):

@@ -114,9 +114,13 @@ class Runner:
         producer: AIOKafkaProducer,
         erasures: ErasureFilter,
         group_id: str | None = None,
+        project: str | None = None,
+        label: str | None = None,
     ) -> None:
         self.destination = destination
         self.name = destination.name
+        self.project = project  # a per-project destination forwards only that project's events
+        self.label = label or self.name  # keys its dead letters: its id when per-project
         self.settings = settings
         self.client = client
         self.producer = producer
@@ -184,7 +188,7 @@ class Runner:
             DESTINATION_FAILED.labels(self.name, "undecodable").inc()
             return
         for event in events:
-            if is_heartbeat(event):
+            if is_heartbeat(event) or (self.project and event.get("project") != self.project):
                 continue
             if event.get("is_bot"):
                 DESTINATION_SKIPPED.labels(self.name, "bot").inc()
@@ -274,12 +278,12 @@ class Runner:
         )
 
     async def _dead_letter(self, event: EnrichedEvent, text: str) -> None:
-        letter = {"stage": f"destination:{self.name}", "reason": text, "record": event}
+        letter = {"stage": f"destination:{self.label}", "reason": text, "record": event}
         value = encode(letter)
 
         async def send() -> None:
             await self.producer.send_and_wait(
-                self.dead_letter.name, key=self.name.encode(), value=value
+                self.dead_letter.name, key=self.label.encode(), value=value
             )
 
         await retrying("destination_dead_letter", send, max_delay_s=30.0)
