@@ -685,7 +685,7 @@ async def test_a_projects_own_destination_gets_its_events_only_until_it_is_remov
                 return {
                     e["event_id"]
                     for r in receiver.of("webhook")
-                    if r.path == "/own"
+                    if r.path == "/webhook/own"
                     for e in r.events()
                 }
 
