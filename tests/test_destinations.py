@@ -719,3 +719,13 @@ async def raw_keys_records(bootstrap: str, key: bytes) -> list[bytes]:
         return found
     finally:
         await consumer.stop()
+
+
+def test_gateways_ignore_destination_records_on_the_keys_topic(tmp_path: Path) -> None:
+    from gateway.auth import KeyStore
+    from sinks.destinations.project_destinations import new_record
+
+    settings = Settings(data_dir=tmp_path)
+    record = new_record(settings, "shop", "posthog", {"api_key": "phc_plain"})
+    assert "phc_plain" not in orjson.dumps(record).decode()
+    KeyStore({}).apply(dict(record))  # raised KeyError('revoked_at') before gateways knew them
