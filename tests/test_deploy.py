@@ -26,7 +26,7 @@ K8S = DEPLOY / "kubernetes"
 BIN = Path(sys.executable).parent
 COMPOSE = DEPLOY / "docker-compose.yml"
 KUBERNETES_VERSION = "1.33.0"
-STAGES = ("gateway", "processor", "sink")
+STAGES = ("gateway", "processor", "sink", "destinations")
 # A probe or health check that runs inside the container: a GET on a loopback URL.
 LOOPBACK_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/[\w/.-]*)")
 
@@ -99,6 +99,8 @@ def _served(stage: str, env: dict[str, str]) -> tuple[int | None, set[str]]:
         return _effective_port(env, "gateway_port"), _gateway_paths()
     if stage == "processor":
         return _effective_port(env, "processor_port"), _processor_paths()
+    if stage == "destinations":
+        return _effective_port(env, "destinations_metrics_port"), {"/health", "/ready", "/metrics"}
     return _effective_port(env, "sink_metrics_port"), {"/health", "/ready", "/metrics"}
 
 
@@ -156,7 +158,7 @@ def test_every_setting_deploy_names_exists() -> None:
 def test_compose_stages_start_with_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     services = _stage_services()
     commands = sorted(s["command"][0] for s in services.values())
-    assert commands == ["gateway", "gateway", "processor", "sink"]
+    assert commands == ["destinations", "gateway", "gateway", "processor", "sink"]
     for name, service in services.items():
         env = {
             key: re.sub(r"\$\{(\w+):[-?]([^}]*)\}", "secret", str(value))
@@ -173,8 +175,11 @@ def test_compose_stages_start_with_valid_settings(monkeypatch: pytest.MonkeyPatc
         assert settings.kafka_idempotence, f"{name}: idempotent producers must be on"
         if stage == "processor":
             assert settings.ip_salt_value(), name
-        if stage == "sink":
+        if stage in ("sink", "destinations"):  # destinations read the suppressions table
             assert settings.clickhouse_url, name
+        if stage == "destinations":
+            assert service["command"] == ["destinations", "run"]
+            assert service["profiles"] == ["destinations"], "destinations are opt-in"
         checks = [" ".join(service.get("healthcheck", {}).get("test", []))]
         assert _check_loopback_probes(stage, env, checks) == 1, name
 
@@ -202,12 +207,13 @@ def test_deployments_probe_what_the_stages_serve() -> None:
         "MILLIMETRIC_IP_SALT",
         "MILLIMETRIC_FORGET_AUDIT_KEY",
         "MILLIMETRIC_CLICKHOUSE_URL",
+        "MILLIMETRIC_DESTINATIONS_SECRET_KEY",
     } <= secret_keys
     for stage, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] >= 20
         (container,) = pod["containers"]
-        assert container["args"] == [stage]
+        assert container["args"] == ([stage, "run"] if stage == "destinations" else [stage])
         assert container["resources"]["requests"] and container["resources"]["limits"]
         env = config | {e["name"]: e["value"] for e in container.get("env", [])}
         port, paths = _served(stage, env)
@@ -228,3 +234,12 @@ def test_gateway_autoscales_and_every_stage_has_a_disruption_budget() -> None:
     kinds = {(doc["kind"], doc["metadata"]["name"]) for _, doc in _manifests()}
     assert ("HorizontalPodAutoscaler", "gateway") in kinds
     assert {("PodDisruptionBudget", stage) for stage in STAGES} <= kinds
+
+
+def test_prometheus_scrapes_every_stage_on_its_metrics_port() -> None:
+    jobs = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]
+    targets = {t for job in jobs for c in job["static_configs"] for t in c["targets"]}
+    for name, service in _stage_services().items():
+        stage = service["command"][0]
+        env = {k: str(v) for k, v in service["environment"].items()}
+        assert f"{name}:{_effective_port(env, f'{stage}_metrics_port')}" in targets, name

@@ -52,6 +52,8 @@ def cipher(settings: Settings) -> Fernet:
     """The Fernet cipher of destination credentials: from the setting, or the data dir's key."""
     if settings.destinations_secret_key is not None:
         text = settings.destinations_secret_key.get_secret_value()
+        if not text:  # an empty line in a secret file: no key at all, not a weak one
+            raise ValueError("MILLIMETRIC_DESTINATIONS_SECRET_KEY is set but empty")
     else:
         text = read_or_create(settings.data_dir / "destinations_key")
     return Fernet(base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()))
