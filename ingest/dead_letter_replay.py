@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ingest.iso_time import epoch_ms
 from ingest.records import decode, encode, record_key
-from ingest.topics import ensure_topics, topic
+from ingest.topics import DESTINATIONS, ensure_topics, topic
 
 LEDGER_FILE = "dead-letters-replayed.json"
 TARGETS = {"processor": "raw", "sink": "enriched"}  # stage -> the topic it reads
@@ -47,6 +47,7 @@ class Letter:
     stage: str
     reason: str
     record: Any  # the record to send back, or what is left of an undecodable one
+    destination: str = ""  # a destination's own dead-letter topic (listed, not replayed)
 
     @property
     def ledger_key(self) -> str:
@@ -73,17 +74,25 @@ class Letter:
         """The event's (or forget's) id, or "" when the letter keeps no record."""
         found = self.target
         if found is None:
-            return ""
+            record = self.record if self.destination else None
+            return str(record.get("event_id") or "") if isinstance(record, dict) else ""
         return str(found[1].get("event_id") or found[1].get("forget_id") or "")
 
+    @property
+    def place(self) -> str:
+        """Where it is: partition:offset, after the destination's name on a destination's."""
+        return f"{self.destination}/{self.ledger_key}" if self.destination else self.ledger_key
 
-def _letter(partition: int, offset: int, timestamp_ms: int, value: bytes | None) -> Letter:
+
+def _letter(
+    partition: int, offset: int, timestamp_ms: int, value: bytes | None, destination: str = ""
+) -> Letter:
     try:
         body = decode(value or b"")
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        return Letter(partition, offset, timestamp_ms, "?", "not a dead letter", None)
+        return Letter(partition, offset, timestamp_ms, "?", "not a dead letter", None, destination)
     return Letter(
         partition,
         offset,
@@ -91,18 +100,19 @@ def _letter(partition: int, offset: int, timestamp_ms: int, value: bytes | None)
         str(body.get("stage", "?")),
         str(body.get("reason", "")),
         body.get("record"),
+        destination,
     )
 
 
 @asynccontextmanager
 async def _assigned(
-    bootstrap: str,
+    bootstrap: str, role: str = "dead_letter"
 ) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:
-    """A consumer (no group) assigned every partition of the dead-letter topic."""
+    """A consumer (no group) assigned every partition of the dead-letter topic (`role`)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        name = topic("dead_letter").name
+        name = topic(role).name
         await consumer.topics()  # loads the cluster's metadata, so the partitions are known
         tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or {0})]
         consumer.assign(tps)
@@ -111,11 +121,15 @@ async def _assigned(
         await consumer.stop()
 
 
-async def _read(bootstrap: str, start: dict[int, int] | None, seconds: float) -> list[Letter]:
+async def _read(
+    bootstrap: str, start: dict[int, int] | None, seconds: float, role: str = "dead_letter"
+) -> list[Letter]:
     """Letters from `start` (partition -> offset; the beginning when None): up to the current end,
-    or, with `seconds`, everything that arrives within that many seconds."""
-    await ensure_topics(bootstrap, roles=["dead_letter"])
-    async with _assigned(bootstrap) as (consumer, tps):
+    or, with `seconds`, everything that arrives within that many seconds (of the dead-letter
+    topic `role`)."""
+    await ensure_topics(bootstrap, roles=[role])
+    destination = role.removeprefix("dead_letter").removeprefix("_")
+    async with _assigned(bootstrap, role) as (consumer, tps):
         for tp in tps:
             if start is None:
                 await consumer.seek_to_beginning(tp)
@@ -129,7 +143,10 @@ async def _read(bootstrap: str, start: dict[int, int] | None, seconds: float) ->
             if not behind and time.monotonic() >= deadline:
                 return out
             for messages in (await consumer.getmany(*tps, timeout_ms=500)).values():
-                out += [_letter(m.partition, m.offset, m.timestamp, m.value) for m in messages]
+                out += [
+                    _letter(m.partition, m.offset, m.timestamp, m.value, destination)
+                    for m in messages
+                ]
 
 
 async def _end(bootstrap: str) -> dict[int, int]:
@@ -172,16 +189,21 @@ def _save_ledger(data_dir: Path, keys: set[str]) -> None:
 
 
 def list_letters(bootstrap: str, reason: str | None, since: str | None, data_dir: Path) -> int:
-    """Print the letters (TSV: time, stage, where, event_id, replayed, reason); exit status 0."""
+    """Print the letters of the stages, then of each destination (TSV: time, stage, where,
+    event_id, replayed, reason; a destination's letter: `-`, replay does not send them); exit
+    status 0."""
     since_ms = _since_ms(since)
     replayed = _ledger(data_dir)
     print("time\tstage\tletter\tevent_id\treplayed\treason")
-    for letter in asyncio.run(_read(bootstrap, None, 0)):
+    roles = ["dead_letter", *(f"dead_letter_{name}" for name in DESTINATIONS)]
+    for letter in (
+        found for role in roles for found in asyncio.run(_read(bootstrap, None, 0, role))
+    ):
         if _matches(letter, reason, since_ms):
-            done = "yes" if letter.ledger_key in replayed else "no"
+            done = "-" if letter.destination else "yes" if letter.ledger_key in replayed else "no"
             text = " ".join(letter.reason.split())  # one line per letter
             print(
-                f"{_iso(letter.timestamp_ms)}\t{letter.stage}\t{letter.ledger_key}\t"
+                f"{_iso(letter.timestamp_ms)}\t{letter.stage}\t{letter.place}\t"
                 f"{letter.event_id}\t{done}\t{text}"
             )
     return 0

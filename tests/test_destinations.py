@@ -729,3 +729,33 @@ def test_gateways_ignore_destination_records_on_the_keys_topic(tmp_path: Path) -
     record = new_record(settings, "shop", "posthog", {"api_key": "phc_plain"})
     assert "phc_plain" not in orjson.dumps(record).decode()
     KeyStore({}).apply(dict(record))  # raised KeyError('revoked_at') before gateways knew them
+
+
+def test_dead_letters_list_shows_the_destinations_letters(
+    broker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ingest.dead_letter_replay import list_letters
+
+    event, reason = enriched(), f"refused {uuid.uuid4().hex}"
+    letter = {"stage": "destination:ds_abc", "reason": reason, "record": event}
+
+    async def put() -> None:
+        await ensure_topics(broker, roles=["dead_letter_webhook"])
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic("dead_letter_webhook").name, orjson.dumps(letter))
+        finally:
+            await producer.stop()
+
+    asyncio.run(put())
+    assert list_letters(broker, reason, None, tmp_path) == 0
+    [row] = capsys.readouterr().out.splitlines()[1:]
+    stage, place, event_id, replayed, text = row.split("\t")[1:]
+    assert (stage, event_id, replayed, text) == (
+        "destination:ds_abc",
+        event["event_id"],
+        "-",
+        reason,
+    )
+    assert place.startswith("webhook/")
