@@ -62,11 +62,16 @@ class ProjectRunners:
         await consumer.seek_to_beginning(tp)
         try:
             while not stop.is_set():
+                # Only a fetch's last record of each destination: at start, one added and
+                # removed long ago is never started.
+                latest: dict[str, DestinationRecord] = {}
                 for messages in (await consumer.getmany(timeout_ms=500)).values():
                     for m in messages:
                         record = decode(m.value)
                         if isinstance(record, dict) and record.get("record") == "destination":
-                            await self.apply(record)  # type: ignore[arg-type]
+                            latest[record["destination_id"]] = record  # type: ignore[assignment]
+                for record in latest.values():
+                    await self.apply(record)
         finally:
             await consumer.stop()
             for destination_id in list(self.running):
