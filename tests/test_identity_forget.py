@@ -46,7 +46,7 @@ def forget_status(p: Pipeline, forget_id: str, timeout: float = 90) -> dict[str,
     deadline = time.monotonic() + timeout
     while True:
         out = subprocess.run(
-            [sys.executable, "-m", "ingest.cli", "forget", "status", forget_id],
+            [sys.executable, "-m", "millimetric_app.cli", "forget", "status", forget_id],
             env=p.env,
             capture_output=True,
             text=True,
