@@ -125,7 +125,7 @@ def test_sasl_and_tls_reach_every_kafka_client(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-    from gateway.app import Gateway
+    from gateway.state import Gateway
     from processors.app import build_app as build_processor
     from sinks.app import Sink
     from sinks.clickhouse import EmbeddedClickHouse
