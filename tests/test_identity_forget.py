@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from ingest.drain import Backlog
-from processors.app import TABLES_DIR
+from processors.faust_app import TABLES_DIR
 from tests.services import Pipeline, read_topic
 
 # Exact changelog recovery on Tansu (see README): one record per producer batch.
