@@ -7,9 +7,10 @@ RUN python -m venv /opt/millimetric
 WORKDIR /src
 # Dependencies first, in their own layer: a code change does not reinstall them.
 COPY pyproject.toml ./
-RUN mkdir ingest gateway processors sinks bench \
+RUN mkdir millimetric_app ingest gateway processors sinks bench \
     && /opt/millimetric/bin/pip install --no-compile . \
     && /opt/millimetric/bin/pip uninstall -y millimetric-ingest
+COPY millimetric_app millimetric_app
 COPY ingest ingest
 COPY gateway gateway
 COPY processors processors

@@ -19,8 +19,8 @@ from bench import REPO_ROOT
 from bench.client import wait_count
 from bench.services import Proc, create_keys, start_stages
 from bench.table import Row
-from ingest.dev import EmbeddedBroker
 from ingest.topics import ensure_topics
+from millimetric_app.embedded import EmbeddedBroker
 
 FIRST_MS = 1_600_000_000_000  # 2020-09-13: history, inside the gateway's window
 
@@ -49,7 +49,7 @@ def run(root: Path, events: int, gateway_eps: float | None = None) -> list[Row]:
         time.sleep(2)  # the key reaches the gateway through the keys topic
         start = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "ingest.cli", "backfill", str(history)],
+            [sys.executable, "-m", "millimetric_app.cli", "backfill", str(history)],
             env=env | {"MILLIMETRIC_HOST": base, "MILLIMETRIC_KEY": key},
             cwd=REPO_ROOT,
             capture_output=True,

@@ -24,8 +24,8 @@ from bench import REPO_ROOT
 from bench.loadgen import percentile
 from bench.services import Proc, create_keys, sink_sql, start_stages
 from bench.table import Row
-from ingest.dev import EmbeddedBroker
 from ingest.topics import ensure_topics
+from millimetric_app.embedded import EmbeddedBroker
 
 PACED_EPS = 2_000
 

@@ -40,8 +40,8 @@ from bench.services import (
     write_geo_db,
 )
 from bench.table import Row
-from ingest.dev import EmbeddedBroker, free_port
 from ingest.topics import ensure_topics
+from millimetric_app.embedded import EmbeddedBroker, free_port
 
 TARGET_EPS = 25_000
 PROBE_EVERY = 0.1

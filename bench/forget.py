@@ -19,9 +19,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.services import produce, sink_sql, stage, stage_env
 from bench.table import Row
-from ingest.dev import EmbeddedBroker
 from ingest.records import decode, encode
 from ingest.topics import ensure_topics, topic
+from millimetric_app.embedded import EmbeddedBroker
 from sinks.batch import EVENT_FIELDS
 
 

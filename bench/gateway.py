@@ -27,9 +27,9 @@ from aiokafka import AIOKafkaProducer
 from bench.events import DESIGNS, batch_body, grouped, raw_events, track_body
 from bench.services import Proc, create_keys, stage, stage_env, wait_http_ok
 from bench.table import Row
-from ingest.dev import EmbeddedBroker, free_port
 from ingest.records import encode, record_key
 from ingest.topics import ensure_topics, topic
+from millimetric_app.embedded import EmbeddedBroker, free_port
 
 KEYS = 200
 BATCH = 500
@@ -164,7 +164,7 @@ def single_batches(bootstrap: str, keys: list[str], root: Path, seconds: float) 
     port = free_port()
     env = stage_env(bootstrap, root / "data-single", MILLIMETRIC_GATEWAY_PORT=str(port),
                     MILLIMETRIC_ENVELOPES=DESIGNS["single records"])  # fmt: skip
-    gw = Proc(["-m", "ingest.cli", "gateway"], env, root / "gateway-single.log").start()
+    gw = Proc(["-m", "millimetric_app.cli", "gateway"], env, root / "gateway-single.log").start()
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/ready")
         script = wrk_script(root / "batch.lua", keys, json.dumps(batch_body(BATCH)))

@@ -31,9 +31,9 @@ from bench.services import (
     write_geo_db,
 )
 from bench.table import Row
-from ingest.dev import EmbeddedBroker
 from ingest.records import encode, record_key
 from ingest.topics import ensure_topics, topic
+from millimetric_app.embedded import EmbeddedBroker
 
 BARE_TOPIC = "bench.enriched-bare"
 

@@ -24,8 +24,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench import REPO_ROOT
 from bench.events import GEO_NETWORKS
-from ingest.dev import free_port, wait_for_port
 from ingest.records import ENVELOPE_HEADER
+from millimetric_app.embedded import free_port, wait_for_port
 
 CLICKHOUSE_SERVER_BIN = Path("/usr/sbin/clickhouse-server")
 
@@ -200,7 +200,7 @@ def stage_env(bootstrap: str, data_dir: Path, **extra: str) -> dict[str, str]:
 
 def stage(name: str, env: dict[str, str], log_dir: Path) -> Proc:
     """`millimetric <name>` as its own process."""
-    return Proc(["-m", "ingest.cli", name], env, log_dir / f"{name}.log")
+    return Proc(["-m", "millimetric_app.cli", name], env, log_dir / f"{name}.log")
 
 
 def wait_http_ok(url: str, timeout: float = 60) -> None:

@@ -32,10 +32,10 @@ from bench.services import (
     write_geo_db,
 )
 from bench.table import Row
-from ingest.dev import EmbeddedBroker
 from ingest.records import encode, record_key
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
+from millimetric_app.embedded import EmbeddedBroker
 
 SINGLE_ROWS = 300
 # Events per processor step, whose enriched events go out as one envelope per partition.

@@ -1,7 +1,8 @@
 """The gateway: HTTP -> validate -> authenticate -> limit -> publish, answering 202 after the ack.
 
-`build_app(settings)` wires the steps; each step lives in its own module, and the ingest
-endpoints that run them in `endpoints.py`. Here: the process's state and the other routes.
+`build_app(settings)` wires the steps; each step lives in its own module, the ingest endpoints
+that run them in `endpoints.py`, and the process's state they share in `state.py`. Here: the
+other routes, the ASGI app, and `run`, where the gateway's serving loop starts.
 """
 
 from __future__ import annotations
@@ -17,95 +18,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.auth import AuthError, KeyStore
-from gateway.client_context import ClientContext
+from gateway.auth import AuthError
 from gateway.endpoints import ROUTES, IngestEndpoint
 from gateway.header_timeout import with_header_timeout
-from gateway.hooks import HookEndpoint, HookTable
+from gateway.hooks import HookEndpoint
 from gateway.openapi import build_openapi
-from gateway.publish import Publisher
 from gateway.query_key import authorization
-from gateway.rate_limit import (
-    InvalidRequestBudget,
-    Limit,
-    MemoryRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-    load_default_limits,
-)
 from gateway.read_api import ReadApi
 from gateway.request_metrics import RequestMetrics
 from gateway.responses import error_response, json_response
 from gateway.snippet import build as build_snippet
 from gateway.snippet import serve as serve_snippet
-from gateway.validate import Validator
-from ingest.kafka_connection import client_options, security_options
+from gateway.state import Gateway
 from ingest.logs import dict_config
-from ingest.metrics import set_serving
 from ingest.ops_port import serve
 from ingest.settings import Settings
-from ingest.topics import ensure_topics, require
-
-
-class Gateway:
-    """The state one gateway process holds: key store, limiter, producer."""
-
-    def __init__(self, settings: Settings, bootstrap: str) -> None:
-        self.settings = settings
-        self.bootstrap = bootstrap
-        self.kafka = client_options(settings, bootstrap)
-        self.hooks = HookTable()
-        self.keys = KeyStore(self.kafka, {"hook": self.hooks.apply})
-        self.publisher = Publisher(
-            self.kafka,
-            idempotence=settings.kafka_idempotence,
-            linger_ms=settings.kafka_linger_ms,
-            compression=settings.kafka_compression,
-            timeout_s=settings.publish_timeout_s,
-        )
-        self.validator = Validator(
-            settings.properties_max_bytes,
-            settings.batch_max_events,
-            settings.timestamp_max_age_days,
-            settings.timestamp_max_future_s,
-        )
-        self.context = ClientContext(settings.trusted_proxies, settings.edge_country_header)
-        self.limits: dict[str, Limit] = load_default_limits()
-        self.limiter: RateLimiter = (
-            RedisRateLimiter(settings.redis_url, fail_open=settings.rate_limit_fail_open)
-            if settings.redis_url
-            else MemoryRateLimiter()
-        )
-        self.invalid_budget = InvalidRequestBudget(
-            self.limiter, Limit(settings.invalid_request_rate, settings.invalid_request_burst)
-        )
-        raw, forgets = require("raw", "forgets")
-        self.raw_topic, self.forget_topic = raw.name, forgets.name
-        self.retry_after = str(max(1, round(settings.publish_timeout_s)))
-
-    def limit_for(self, route: str, project: str) -> Limit:
-        """The project's limit on `route`: its override from the keys topic, else the default."""
-        return self.keys.limit_override(project, route) or self.limits[route]
-
-    async def start(self) -> None:
-        """Create missing topics, connect the producer, start following the keys topic."""
-        s = self.settings
-        await ensure_topics(
-            self.bootstrap,
-            s.kafka_replication_factor,
-            min_insync_replicas=s.kafka_min_insync_replicas,
-            security=security_options(s),
-        )
-        await self.publisher.start()
-        await self.keys.start()
-        set_serving("gateway", True)
-
-    async def stop(self) -> None:
-        """Stop in reverse order."""
-        set_serving("gateway", False)
-        await self.keys.stop()
-        await self.publisher.stop()
-        await self.limiter.close()
 
 
 async def _forget_status(request: Request) -> Response:

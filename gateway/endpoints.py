@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -24,12 +24,10 @@ from gateway.rate_limit import limit_class
 from gateway.responses import error_response, send_json
 from gateway.segment import SINGLE_ROUTES, is_segment_batch, is_segment_message, parse_single
 from gateway.segment import records as segment_records
+from gateway.state import Gateway
 from gateway.validate import InvalidBody
 from ingest.metrics import ACCEPTED, RATE_LIMITED
 from ingest.records import Context, encode, event_key
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 Headers = dict[str, str]  # lower-case names, as ASGI servers pass them
 JSON_TYPES = ("application/json", "text/plain")  # text/plain: navigator.sendBeacon's default
@@ -93,7 +91,7 @@ class Accepted:
     events: bool = True  # raw-topic events (grouped into envelopes), not a forget request
 
 
-Parser = Callable[["Gateway", Context, bytes, Principal, int], Accepted]
+Parser = Callable[[Gateway, Context, bytes, Principal, int], Accepted]
 
 
 def _encoded(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -20,34 +20,14 @@ from gateway.decompress import decode_body
 from gateway.endpoints import _headers, read_body
 from gateway.publish import BrokerUnavailable
 from gateway.responses import error_response, send_json
+from gateway.state import Gateway
 from gateway.validate import InvalidBody
 from gateway.webhook_schemes import SCHEMES, Scheme, SignatureError, verify
 from ingest.hook_sources import lookup
 from ingest.metrics import WEBHOOK_DELIVERIES
 from ingest.records import HookRecord, WebhookDelivery, encode, record_key
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-
 ROUTE = "hooks"  # the rate-limit table's row
-
-
-class HookTable:
-    """The live hooks from the keys topic: hook_id -> record (revoked ones dropped)."""
-
-    def __init__(self) -> None:
-        self._hooks: dict[str, HookRecord] = {}
-
-    def apply(self, record: Any) -> None:
-        """Apply a `hook` record from the keys topic (created, rotated or revoked)."""
-        if record["revoked_at"] is not None:
-            self._hooks.pop(record["hook_id"], None)
-        else:
-            self._hooks[record["hook_id"]] = record
-
-    def get(self, hook_id: str) -> HookRecord | None:
-        """The live hook, or None."""
-        return self._hooks.get(hook_id)
 
 
 def delivery_id(scheme: Scheme, headers: dict[str, str], body: Any, raw: bytes) -> str:

@@ -16,7 +16,7 @@ import time
 import zoneinfo
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -28,10 +28,8 @@ from gateway.auth import AuthError
 from gateway.query_key import authorization
 from gateway.read_store import Reader, StoreUnavailable, open_reader
 from gateway.responses import error_response, json_response
+from gateway.state import Gateway
 from ingest.settings import Settings
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from ingest.settings import Settings
 
 STAGES = ("gateway", "processor", "sink")
 OPTIONAL_STAGES = ("destinations",)  # read only where a metrics URL is known for them
-DEV_STATE_FILE = "dev.json"  # written by `millimetric dev` (ingest/dev.py) in the data dir
+DEV_STATE_FILE = "dev.json"  # written by `millimetric dev` (millimetric_app/dev.py) in the data dir
 SCRAPE_TIMEOUT_S = 3.0
 FRESHNESS_LIMIT_S = 300.0  # the alert rules' threshold: older rows mean a stalled pipeline
 LAG_LIMIT_S = 60.0

@@ -38,8 +38,8 @@ from ingest.progress import Progress
 from ingest.records import encode, raw_records
 from ingest.settings import Settings
 from ingest.topics import namespaced, topic
-from processors.app import configured_enricher
 from processors.enrich import Enricher
+from processors.events_agent import configured_enricher
 from processors.geo import CountryLookup
 from processors.hook_mapping import map_delivery
 from processors.step import StepPublisher

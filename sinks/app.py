@@ -33,7 +33,8 @@ from ingest.topics import ensure_topics, namespaced, require
 from sinks.batch import EventBatch
 from sinks.clickhouse import ClickHouse, Refusal, open_configured, refusal
 from sinks.clickhouse_writer import EventWriter
-from sinks.erasure import ErasureExecutor, audit_key
+from sinks.erasure_audit import ForgetAudit, audit_key
+from sinks.erasure_executor import ErasureExecutor
 from sinks.erasure_filter import ErasureFilter, follow
 from sinks.erasure_queue import ErasureQueue
 from sinks.migrate import apply_retention, migrate
@@ -310,8 +311,9 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     set_serving("sink", True)
     watch_in_thread(bootstrap, ("sink",), "sink", settings)
     log.info("sink writing to %s", ch.description)
+    audit = ForgetAudit(ch, audit_key(settings))
     executor = ErasureExecutor(
-        ch, audit_key(settings), settings.forget_grace_s, settings.forget_mutation_timeout_s
+        ch, audit, settings.forget_grace_s, settings.forget_mutation_timeout_s
     )
     await ensure_topics(
         bootstrap,
@@ -325,7 +327,7 @@ async def serve(settings: Settings, bootstrap: str) -> None:
     # No insert before the filter knows every erasure: it could write a forgotten person back.
     await asyncio.wait({follower, asyncio.ensure_future(erasures.ready.wait())},
                        return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-    queue = ErasureQueue(settings, bootstrap, executor, erasures, sink.producer)
+    queue = ErasureQueue(settings, bootstrap, executor, audit, erasures, sink.producer)
     tasks = [sink.run(stop), follower, queue.run(stop)]
     if settings.clickhouse_url is None:
         tasks.append(serve_sql(ch, settings.data_dir, stop))

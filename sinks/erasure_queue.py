@@ -2,12 +2,12 @@
 
 The sinks share the erasures topic through the consumer group `millimetric-erasure`: the one that
 owns its partition takes every forget waiting there (up to `forget_batch_max`) and carries them
-out together (sinks/erasure.py). A batch that fails is halved until the failing forget stands
-alone; that one is retried in the background with the shared retry policy (backoff with jitter,
-logged, counted), and each failure is published as its `pending` status with the reason, while
-the forgets after it go on. Offsets are committed up to the oldest forget not done, so a restart
-takes up again every unfinished one; forgets `forget_audit` records as done are not carried out
-twice, their status is only published again.
+out together (sinks/erasure_executor.py). A batch that fails is halved until the failing forget
+stands alone; that one is retried in the background with the shared retry policy (backoff with
+jitter, logged, counted), and each failure is published as its `pending` status with the reason,
+while the forgets after it go on. Offsets are committed up to the oldest forget not done, so a
+restart takes up again every unfinished one; forgets `forget_audit` records as done
+(sinks/erasure_audit.py) are not carried out twice, their status is only published again.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from ingest.records import Erasure, ForgetStatusRecord, decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import namespaced, topic
-from sinks.erasure import ErasureExecutor, Forget, MutationsPending, status_record
+from sinks.erasure_audit import Forget, ForgetAudit, status_record
+from sinks.erasure_executor import ErasureExecutor, MutationsPending
 from sinks.erasure_filter import ErasureFilter
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,14 @@ class ErasureQueue:
         settings: Settings,
         bootstrap: str,
         executor: ErasureExecutor,
+        audit: ForgetAudit,
         erasures: ErasureFilter,
         producer: AIOKafkaProducer,
     ) -> None:
         self._settings = settings
         self._bootstrap = bootstrap
         self._executor = executor
+        self._audit = audit
         self._erasures = erasures
         self._producer = producer
         self._open: dict[TopicPartition, dict[int, str]] = {}  # offsets not done yet
@@ -102,7 +105,7 @@ class ErasureQueue:
 
     async def _take(self, items: list[_Item], stop: asyncio.Event) -> None:
         ids = [e["forget_id"] for _, _, e in items]
-        done = await asyncio.to_thread(self._executor.done_before, ids)
+        done = await asyncio.to_thread(self._audit.done_before, ids)
         for status in done.values():  # carried out before a restart: say so again, only
             await self._publish(status)
         todo = [item for item in items if item[2]["forget_id"] not in done]
@@ -169,7 +172,7 @@ class ErasureQueue:
         try:
             await asyncio.wait_for(self._publish(status), 10)
             forget = Forget(erasure, set(erasure["anonymous_ids"]))
-            await asyncio.to_thread(self._executor.audit, [forget], "pending", why, attempts)
+            await asyncio.to_thread(self._audit.record, [forget], "pending", why, attempts)
         except Exception as failure:
             log.warning("could not record forget %s as pending: %r", erasure["forget_id"], failure)
 

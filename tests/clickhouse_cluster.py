@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.services import CLICKHOUSE_SERVER_BIN, ClickHouseServer, LocalServer
-from ingest.dev import free_port
+from millimetric_app.embedded import free_port
 
 ZOOKEEPER_JAR = Path("/usr/share/java/zookeeper.jar")
 CLUSTER = "millimetric"

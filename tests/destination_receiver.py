@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ingest.ports import free_port
+from millimetric_app.embedded import free_port
 
 POISON = "poison"
 

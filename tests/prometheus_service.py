@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.services import wait_http_ok
-from ingest.dev import free_port
+from millimetric_app.embedded import free_port
 
 PROMETHEUS_BIN = Path("/usr/bin/prometheus")
 

@@ -23,9 +23,9 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.services import ClickHouseServer, stage, wait_http_ok
-from ingest.dev import EmbeddedBroker, free_port
 from ingest.records import raw_records
 from ingest.topics import topic
+from millimetric_app.embedded import EmbeddedBroker, free_port
 from sinks.clickhouse import ServerClickHouse
 from sinks.sql_endpoint import SqlRefused, query_endpoint
 
@@ -198,7 +198,14 @@ class Pipeline:
                 self._drop_server()  # a stopped server: reconnect at the next query
                 raise RuntimeError(str(error)) from None
         out = subprocess.run(
-            [sys.executable, "-m", "ingest.cli", "sql", *(["--write"] if write else []), query],
+            [
+                sys.executable,
+                "-m",
+                "millimetric_app.cli",
+                "sql",
+                *(["--write"] if write else []),
+                query,
+            ],
             env=self.env,
             capture_output=True,
             text=True,

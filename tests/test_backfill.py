@@ -55,7 +55,7 @@ def backfill(p: Pipeline, *args: str) -> subprocess.Popen[str]:
     """Start the command as a user would, key from MILLIMETRIC_KEY."""
     env = {**p.env, "MILLIMETRIC_KEY": p.key, "MILLIMETRIC_HOST": p.base_url}
     return subprocess.Popen(
-        [sys.executable, "-m", "ingest.cli", "backfill", *args],
+        [sys.executable, "-m", "millimetric_app.cli", "backfill", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -12,10 +12,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
-from ingest.dev import EmbeddedBroker, free_port
 from ingest.metrics import RETRIES
 from ingest.partitioner import kafka_partitioner, murmur2, partition_for
 from ingest.records import decode, encode
+from millimetric_app.embedded import EmbeddedBroker, free_port
 from processors.batch_publisher import BatchPublisher
 from processors.step import DeadLetters, StepPublisher
 

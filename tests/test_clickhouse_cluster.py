@@ -14,7 +14,8 @@ from bench.services import ClickHouseServer, Proc, stage
 from ingest.records import Erasure
 from sinks.clickhouse import Features, ServerClickHouse
 from sinks.cluster import cluster_statements, pending_mutations
-from sinks.erasure import ErasureExecutor
+from sinks.erasure_audit import ForgetAudit
+from sinks.erasure_executor import ErasureExecutor
 from sinks.migrate import LEDGER, backfill, migrations, statements
 from sinks.rollup_rebuild import rebuild
 from tests.clickhouse_cluster import CLUSTER, clickhouse_cluster
@@ -175,7 +176,9 @@ def test_sink_writes_through_the_cluster_while_a_replica_restarts(
             person = "project = 'demo' AND anonymous_id = 'a3'"
             erased = int(ch.query_tsv(f"SELECT count() FROM events WHERE {person}"))
             assert erased == EVENTS // 10
-            executor = ErasureExecutor(ch, b"audit-key", grace_s=0, mutation_timeout_s=60)
+            executor = ErasureExecutor(
+                ch, ForgetAudit(ch, b"audit-key"), grace_s=0, mutation_timeout_s=60
+            )
             [status] = executor.execute([forget_of("a3")], sleep=lambda _: None)
             assert status["status"] == "done"
             assert pending_mutations(ch) == 0

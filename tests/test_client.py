@@ -20,10 +20,10 @@ import pytest
 import millimetric
 from gateway.key_admin import create_key, set_project_limit
 from gateway.rate_limit import Limit
-from ingest.dev import free_port
 from millimetric.aio import AsyncClient
 from millimetric.client import Client
 from millimetric.messages import Failure
+from millimetric_app.embedded import free_port
 from tests.services import Pipeline, kafka_broker
 
 UNLIMITED = Limit(1_000_000.0, 1_000_000)

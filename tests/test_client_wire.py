@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ingest.dev import free_port
 from millimetric.client import Client
+from millimetric_app.embedded import free_port
 
 KEY = "sk_live_" + "a" * 32
 

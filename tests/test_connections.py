@@ -28,10 +28,10 @@ from aiokafka.errors import KafkaConnectionError
 
 from gateway.app import build_app
 from gateway.key_admin import create_key
-from ingest.dev import EmbeddedBroker, free_port, wait_for_port
 from ingest.kafka_connection import client_options, faust_credentials, security_options
 from ingest.settings import Settings
 from ingest.topics import ensure_topics
+from millimetric_app.embedded import EmbeddedBroker, free_port, wait_for_port
 from tests.test_gateway import JSON, gateway_settings
 
 KAFKA_SECRET = "kafka-hunter2-secret"
@@ -125,7 +125,7 @@ def test_sasl_and_tls_reach_every_kafka_client(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-    from gateway.app import Gateway
+    from gateway.state import Gateway
     from processors.app import build_app as build_processor
     from sinks.app import Sink
     from sinks.clickhouse import EmbeddedClickHouse

@@ -29,7 +29,7 @@ def sink(fresh_broker: str, data_dir: Path) -> Iterator[Pipeline]:
 def command(p: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `millimetric dead-letters ...` as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "ingest.cli", "dead-letters", *args],
+        [sys.executable, "-m", "millimetric_app.cli", "dead-letters", *args],
         env=p.env,
         capture_output=True,
         text=True,

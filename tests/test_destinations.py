@@ -436,7 +436,7 @@ def test_the_pipeline_feeds_every_destination_once_while_one_is_down_and_clickho
         }
         pipeline = Pipeline(fresh_broker, None, data_dir, extra_env=env)
         pipeline.stages["destinations"] = Proc(
-            ["-m", "ingest.cli", "destinations", "run"],
+            ["-m", "millimetric_app.cli", "destinations", "run"],
             pipeline.env,
             data_dir / "destinations.log",
         )
@@ -588,7 +588,7 @@ async def test_a_forget_reaches_every_destination_with_a_deletion_api(
 
 
 def test_forget_status_names_each_destinations_outcome(broker: str) -> None:
-    from ingest.cli import _forget_destinations
+    from millimetric_app.cli import _forget_destinations
 
     asyncio.run(ensure_topics(broker, roles=["forget_destinations"]))
     forget_id = f"fgt_{uuid.uuid4().hex}"
@@ -624,7 +624,7 @@ def test_destinations_waiting_for_the_sinks_store_stop_when_asked(
         "MILLIMETRIC_TRACKING_WEBHOOK_URL": "http://127.0.0.1:9/in",
     }
     log = tmp_path / "destinations.log"
-    proc = Proc(["-m", "ingest.cli", "destinations", "run"], env, log).start()
+    proc = Proc(["-m", "millimetric_app.cli", "destinations", "run"], env, log).start()
     try:
         deadline = time.monotonic() + 60
         while "no sink serves the embedded store" not in log.read_text():

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from bench.services import wait_http_ok
-from ingest.ports import free_port
+from millimetric_app.embedded import free_port
 from sinks.sql_endpoint import SqlRefused, query_endpoint
 from tests.services import not_ready, stage_env
 
@@ -53,7 +53,7 @@ class Dev:
         self.runs += 1
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ingest.cli", "dev"],
+                [sys.executable, "-m", "millimetric_app.cli", "dev"],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -70,7 +70,7 @@ class Dev:
     def cli(self, *args: str) -> str:
         """`millimetric ARGS` against this dev; its stdout."""
         done = subprocess.run(
-            [sys.executable, "-m", "ingest.cli", *args],
+            [sys.executable, "-m", "millimetric_app.cli", *args],
             env=self.env,
             capture_output=True,
             text=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ingest.dev import free_port
+from millimetric_app.embedded import free_port
 from tests.services import Pipeline, stage_env
 
 # The spec's "Track a single event" body (millimetric-track.SKILL.md), verbatim.
@@ -100,7 +100,7 @@ def test_fabricated_ids_and_timestamps(pipeline: Pipeline) -> None:
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ingest.cli", *args],
+        [sys.executable, "-m", "millimetric_app.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -116,7 +116,7 @@ def test_dev_command_as_the_readme_shows(tmp_path: Path) -> None:
     key = ""
     for round_ in (1, 2):
         dev = subprocess.Popen(
-            [sys.executable, "-m", "ingest.cli", "dev"],
+            [sys.executable, "-m", "millimetric_app.cli", "dev"],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -132,7 +132,7 @@ def test_dev_command_as_the_readme_shows(tmp_path: Path) -> None:
                     [
                         sys.executable,
                         "-m",
-                        "ingest.cli",
+                        "millimetric_app.cli",
                         "keys",
                         "create",
                         "--project",
@@ -171,7 +171,7 @@ def test_dev_command_as_the_readme_shows(tmp_path: Path) -> None:
                     [
                         sys.executable,
                         "-m",
-                        "ingest.cli",
+                        "millimetric_app.cli",
                         "sql",
                         "SELECT event, user_id FROM events ORDER BY event",
                     ],

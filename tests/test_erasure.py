@@ -87,7 +87,7 @@ def send(p: Pipeline, role: str, records: list[dict]) -> None:
 
 def status(p: Pipeline, forget_id: str) -> dict[str, object]:
     out = subprocess.run(
-        [sys.executable, "-m", "ingest.cli", "forget", "status", forget_id],
+        [sys.executable, "-m", "millimetric_app.cli", "forget", "status", forget_id],
         env=p.env,
         capture_output=True,
         text=True,

@@ -33,13 +33,13 @@ from gateway.rate_limit import Limit, load_default_limits
 from gateway.read_api import ANSWERS
 from gateway.responses import BatchAccepted, ErrorBody, ForgetAccepted, TrackAccepted
 from gateway.validate import new_id
-from ingest.dev import free_port
 from ingest.errors import ERROR_CODES
 from ingest.partitioner import partition_for
 from ingest.records import event_key
 from ingest.records import raw_records as unpack_raw
 from ingest.settings import Settings
 from ingest.topics import topic
+from millimetric_app.embedded import free_port
 from tests.services import read_topic
 
 RAW_PARTITIONS = topic("raw").partitions

@@ -19,8 +19,8 @@ import pytest
 
 from gateway.app import build_app
 from gateway.key_admin import create_key
-from ingest.dev import EmbeddedBroker, free_port
 from ingest.topics import ensure_topics
+from millimetric_app.embedded import EmbeddedBroker, free_port
 from tests.test_batch_publisher import CuttableLink
 from tests.test_gateway import JSON, gateway_settings
 from tests.test_gateway_processes import GatewayProcess, wait

@@ -1,6 +1,6 @@
-"""The gateway as real processes (`python -m ingest.cli gateway`), against the real broker and a
-real redis-server: one rate limit shared by two gateways, revocation reaching both, oversized
-bodies refused before they are read, and the broker stopped and restarted mid-run.
+"""The gateway as real processes (`python -m millimetric_app.cli gateway`), against the real
+broker and a real redis-server: one rate limit shared by two gateways, revocation reaching both,
+oversized bodies refused before they are read, and the broker stopped and restarted mid-run.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pytest
 from bench.services import stage, wait_http_ok
 from gateway.key_admin import create_key, revoke_key, set_project_limit
 from gateway.rate_limit import Limit
-from ingest.dev import EmbeddedBroker, free_port
 from ingest.topics import ensure_topics
+from millimetric_app.embedded import EmbeddedBroker, free_port
 from tests.redis_service import RedisServer
 from tests.services import stage_env
 from tests.test_gateway import raw_records
@@ -234,7 +234,7 @@ def test_keys_limits_command(broker: str) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "ingest.cli", "keys", *args],
+            [sys.executable, "-m", "millimetric_app.cli", "keys", *args],
             env=env,
             capture_output=True,
             text=True,

@@ -231,7 +231,7 @@ def test_cli_creates_a_generic_hook_with_a_mapping_file(pipeline: Pipeline, tmp_
         'stage = "header.x-crm-stage"\n'
     )
     out = subprocess.run(
-        [sys.executable, "-m", "ingest.cli", "hooks", "create", "--project", name,
+        [sys.executable, "-m", "millimetric_app.cli", "hooks", "create", "--project", name,
          "--provider", "generic", "--mapping", str(mapping)],
         env=pipeline.env, capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from ingest.drain import Backlog
-from processors.app import TABLES_DIR
+from processors.faust_app import TABLES_DIR
 from tests.services import Pipeline, read_topic
 
 # Exact changelog recovery on Tansu (see README): one record per producer batch.
@@ -46,7 +46,7 @@ def forget_status(p: Pipeline, forget_id: str, timeout: float = 90) -> dict[str,
     deadline = time.monotonic() + timeout
     while True:
         out = subprocess.run(
-            [sys.executable, "-m", "ingest.cli", "forget", "status", forget_id],
+            [sys.executable, "-m", "millimetric_app.cli", "forget", "status", forget_id],
             env=p.env,
             capture_output=True,
             text=True,

@@ -12,12 +12,12 @@ import urllib.request
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ingest.dev import free_port
 from ingest.lag import CONSUMER_GROUPS, watch
 from ingest.metrics import LAG_RECORDS, LAG_SECONDS, READY, set_lagging, set_serving
 from ingest.ops_port import serve
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
+from millimetric_app.embedded import free_port
 
 
 def _gauge(gauge: object, stage_or_group: str) -> float:

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from ingest.dev import free_port
 from ingest.partitioner import partition_for
 from ingest.status import collect, scrape, total
 from ingest.topics import topic
+from millimetric_app.embedded import free_port
 from tests.prometheus_service import PROMETHEUS_BIN, Prometheus
 from tests.services import Pipeline, kafka_broker
 
@@ -58,7 +58,7 @@ def _metrics_url(pipeline: Pipeline, stage: str) -> str:
 
 def _status(pipeline: Pipeline) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "ingest.cli", "status", "--json"],
+        [sys.executable, "-m", "millimetric_app.cli", "status", "--json"],
         env=pipeline.env,
         capture_output=True,
         text=True,
@@ -138,7 +138,7 @@ def test_status_says_what_is_down(tmp_path: Path) -> None:
     env = {"PATH": "", "MILLIMETRIC_DATA_DIR": str(tmp_path)}
     env["MILLIMETRIC_SINK_METRICS_PORT"] = str(free_port())  # nothing listens there
     out = subprocess.run(
-        [sys.executable, "-m", "ingest.cli", "status", "--json"],
+        [sys.executable, "-m", "millimetric_app.cli", "status", "--json"],
         env=env,
         capture_output=True,
         text=True,

@@ -19,10 +19,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.services import Proc, stage
-from ingest.dev import EmbeddedBroker, free_port
 from ingest.partitioner import partition_for
 from ingest.records import encode, envelope, raw_records
 from ingest.topics import ensure_topics, topic
+from millimetric_app.embedded import EmbeddedBroker, free_port
 from tests.services import stage_env
 from tests.test_batch_publisher import CuttableLink
 

@@ -94,7 +94,7 @@ def test_replay_after_a_rule_change_rederives_the_window_only(pipeline: Pipeline
 
     Path(p.env["MILLIMETRIC_PROJECT_RULES_PATH"]).write_text(PROJECT_RULES)  # the fix
     out = subprocess.run(
-        [sys.executable, "-m", "ingest.cli", "replay", "--since", since, "--wait", "120"],
+        [sys.executable, "-m", "millimetric_app.cli", "replay", "--since", since, "--wait", "120"],
         env=p.env,
         capture_output=True,
         text=True,

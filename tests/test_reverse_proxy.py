@@ -21,7 +21,7 @@ import pytest
 
 from gateway.client_context import ClientContext
 from gateway.key_admin import create_key
-from ingest.dev import free_port, wait_for_port
+from millimetric_app.embedded import free_port, wait_for_port
 from tests.test_gateway import raw_records
 from tests.test_gateway_processes import GatewayProcess, wait
 

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from gateway.key_admin import create_key
-from ingest.dev import free_port
+from millimetric_app.embedded import free_port
 from tests.services import Pipeline, kafka_broker, not_ready
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

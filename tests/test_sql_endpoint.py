@@ -42,7 +42,7 @@ def _post(p: Pipeline, sql: str, token: str | None = "<file>", **headers: str) -
 
 def _cli(p: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ingest.cli", "sql", *args],
+        [sys.executable, "-m", "millimetric_app.cli", "sql", *args],
         env=p.env,
         capture_output=True,
         text=True,
@@ -114,7 +114,15 @@ def test_a_stale_endpoint_file_falls_back_to_the_store(tmp_path: Path) -> None:
     (tmp_path / ENDPOINT_FILE).write_text("http://127.0.0.1:9/sql\n")
     (tmp_path / TOKEN_FILE).write_text("old\n")
     out = subprocess.run(
-        [sys.executable, "-m", "ingest.cli", "--data-dir", str(tmp_path), "sql", "SELECT 41 + 1"],
+        [
+            sys.executable,
+            "-m",
+            "millimetric_app.cli",
+            "--data-dir",
+            str(tmp_path),
+            "sql",
+            "SELECT 41 + 1",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

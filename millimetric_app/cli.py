@@ -52,7 +52,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _bootstrap(settings: Settings) -> str:
-    from ingest.dev import running_dev_bootstrap
+    from millimetric_app.dev import running_dev_bootstrap
 
     bootstrap = settings.kafka_bootstrap_servers or running_dev_bootstrap(settings.data_dir)
     if bootstrap is None:
@@ -64,7 +64,7 @@ def _bootstrap(settings: Settings) -> str:
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest.dev import run
+    from millimetric_app.dev import run
 
     asyncio.run(run(settings))
     return 0
@@ -339,8 +339,8 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
 
 def _forget_destinations(settings: Settings, forget_id: str) -> dict[str, Any]:
     """Each destination's outcome of a forget (PostHog, Mixpanel, Amplitude deletion)."""
-    from ingest.dev import running_dev_bootstrap
     from ingest.kafka_connection import security_options
+    from millimetric_app.dev import running_dev_bootstrap
     from sinks.destinations.forgets import outcomes
 
     bootstrap = settings.kafka_bootstrap_servers or running_dev_bootstrap(settings.data_dir)
