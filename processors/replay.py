@@ -35,7 +35,7 @@ from ingest.kafka_connection import security_options
 from ingest.lag import CONSUMER_GROUPS
 from ingest.partitioner import kafka_partitioner
 from ingest.progress import Progress
-from ingest.records import encode, raw_records
+from ingest.records import encode, event_key, raw_records
 from ingest.settings import Settings
 from ingest.topics import namespaced, topic
 from processors.enrich import Enricher
@@ -109,16 +109,18 @@ class Replayer:
             except Exception as error:  # the live agent dead-lettered it already
                 self._failed(error)
                 continue
-            for record in decoded:
-                if project is not None and record.get("project") != project:
-                    continue
+            for index, record in enumerate(decoded):
                 try:
-                    enriched = self._enrich(key, record)
+                    if project is not None and record.get("project") != project:
+                        continue
+                    # An envelope is keyed by its first event: the others carry their own key.
+                    own_key = event_key(record) if index else key
+                    enriched = self._enrich(own_key, record)
                 except Exception as error:  # as above: one bad record, the rest flows on
                     self._failed(error)
                     continue
                 if enriched is not None:
-                    out.append((key, encode(enriched)))
+                    out.append((own_key, encode(enriched)))
         return out
 
     def _failed(self, error: Exception) -> None:

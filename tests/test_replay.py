@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ingest.records import decode, encode
+from ingest.records import decode, encode, envelope
 from ingest.settings import Settings
 from processors.classify import Classifier
 from processors.enrich import Enricher
@@ -147,6 +147,28 @@ def test_the_same_raw_records_give_the_same_rows_and_no_identity_link() -> None:
     assert first == second
     # Stitched while linked, not after the forget; the other project is not replayed.
     assert [(r["event_id"], r["user_id"]) for r in first] == [("i", "u"), ("t1", "u"), ("t2", "")]
+
+
+def test_an_envelopes_events_are_stitched_each_by_its_own_visitor() -> None:
+    # The gateway groups a request's events by partition, not by visitor: an envelope keyed by
+    # visitor a may carry b's identify, which must stitch b (and not a).
+    settings = Settings(ip_salt="salt")
+    enricher = Enricher(b"salt", 30, Classifier(), UserAgentParser(), CountryLookup(None))
+    replayer = Replayer(enricher, settings, Window(0, None, "demo"), 1)
+    value = envelope(
+        [
+            encode(raw(event_id="a1", anonymous_id="a")),
+            encode(raw(type="identify", event_id="b1", anonymous_id="b", user_id="u2")),
+            encode(raw(event_id="b2", anonymous_id="b")),
+            encode(raw(event_id="a2", anonymous_id="a")),
+        ]
+    )
+    out = replayer.step([(b"demo:a", value)])
+    rows = [(key, decode(v)) for key, v in out]
+    assert [(r["event_id"], r["user_id"]) for _, r in rows] == [
+        ("a1", ""), ("b1", "u2"), ("b2", "u2"), ("a2", "")
+    ]  # fmt: skip
+    assert [key for key, _ in rows] == [b"demo:a", b"demo:b", b"demo:b", b"demo:a"]
 
 
 ch = fresh_ch  # the fixture: a fresh database, on chdb and on the 18.16 server
