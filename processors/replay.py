@@ -194,7 +194,7 @@ async def _seed_identities(
     )
     await consumer.start()
     try:
-        tps = await _partitions(consumer, IDENTITIES_CHANGELOG)
+        tps = await _partitions(consumer, namespaced(IDENTITIES_CHANGELOG))
         if not tps:
             return  # no live processor ever ran: nobody is identified
         consumer.assign(tps)
@@ -279,6 +279,7 @@ async def wait_for_sink(bootstrap: str, settings: Settings, timeout_s: float) ->
     """Wait until the sinks committed everything now on the enriched topic (the replay's rows are
     in ClickHouse); False when `timeout_s` passed first."""
     group, role = CONSUMER_GROUPS["sink"]
+    group = namespaced(group)
     security = security_options(settings)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **security, enable_auto_commit=False)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)

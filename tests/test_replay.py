@@ -4,22 +4,25 @@ person stays forgotten, and the same raw records always give the same rows."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from ingest.records import decode, encode, envelope
 from ingest.settings import Settings
 from processors.classify import Classifier
 from processors.enrich import Enricher
 from processors.geo import CountryLookup
-from processors.replay import Replayer, Window
+from processors.replay import IDENTITIES_CHANGELOG, Replayer, Window, _seed_identities
 from processors.useragent import UserAgentParser
 from sinks.clickhouse import ClickHouse
 from sinks.migrate import migrate
@@ -190,3 +193,27 @@ def test_a_rebuild_counts_a_replaced_row_once(ch: ClickHouse) -> None:
     rebuild(ch, "p", {"2026-01-02"})
     assert ch.query_tsv(rollup) == "Email\t1\nReferral\t1\n"
     assert ch.query_tsv(entry) == "Email\t2\n"
+
+
+def test_under_a_namespace_replay_seeds_from_that_namespaces_changelog(
+    broker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MILLIMETRIC_KAFKA_NAMESPACE prefixes the processor's app id, so its changelog too.
+    namespace = f"ns{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MILLIMETRIC_KAFKA_NAMESPACE", namespace)
+    changelog = f"{namespace}.{IDENTITIES_CHANGELOG}"
+
+    async def seeded() -> dict[bytes, str]:
+        producer = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
+        await producer.start()
+        try:
+            await producer.send_and_wait(changelog, b"u2", key=b"demo:b", timestamp_ms=1000)
+        finally:
+            await producer.stop()
+        settings = Settings(ip_salt="salt")
+        enricher = Enricher(b"salt", 30, Classifier(), UserAgentParser(), CountryLookup(None))
+        replayer = Replayer(enricher, settings, Window(2000, None, "demo"), 1)
+        await _seed_identities(replayer, broker, settings, Window(2000, None, "demo"))
+        return replayer.identities
+
+    assert asyncio.run(seeded()) == {b"demo:b": "u2"}
