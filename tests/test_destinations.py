@@ -642,7 +642,10 @@ def millimetric(env: dict[str, str], *args: str) -> str:
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "millimetric_app.cli", *args], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "millimetric_app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
