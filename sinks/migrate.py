@@ -24,7 +24,23 @@ log = logging.getLogger(__name__)
 
 MIGRATE_ATTEMPTS = 6  # ~15 s of pauses at most: a concurrent sink's migrations finish by then
 
-_RENAME_TARGET = re.compile(r"RENAME TABLE \w+ TO (\w+)")
+# 0005's steps that a run interrupted (or a concurrent sink) may have done already, each skipped
+# when its query counts more than zero; every other statement is idempotent as written.
+_EVENTS_VERSIONED = (
+    "SELECT count() FROM system.columns WHERE database = currentDatabase() "
+    "AND table IN ('events', 'events{local}') AND name = 'version'"
+)
+_ALREADY_DONE: tuple[tuple[re.Pattern[str], str], ...] = (
+    # The new table exists as `events` already: on a cluster its replica path is taken too.
+    (re.compile(r"CREATE TABLE IF NOT EXISTS events_versioned\b"), _EVENTS_VERSIONED),
+    (re.compile(r"RENAME TABLE events TO events_unversioned\b"), _EVENTS_VERSIONED),
+    # The copy's source is dropped once it is done: no source, nothing left to copy.
+    (
+        re.compile(r"INSERT INTO events SELECT .* FROM events_unversioned$", re.S),
+        "SELECT count() = 0 FROM system.tables WHERE database = currentDatabase() "
+        "AND name IN ('events_unversioned', 'events_unversioned{local}')",
+    ),
+)
 _VIEW = re.compile(
     r"CREATE MATERIALIZED VIEW IF NOT EXISTS \w+\s+TO\s+(\w+)\s+AS\s+(SELECT\s.*)", re.S
 )
@@ -103,7 +119,7 @@ def _apply(ch: ClickHouse, applied: list[int]) -> None:
         if version in done:
             continue
         for statement in statements(template, ch.features):
-            if _renamed_before(ch, statement):
+            if _done_before(ch, statement):
                 continue
             fill = backfill(statement)
             for form in statements_for(ch, statement) + (statements_for(ch, fill) if fill else []):
@@ -116,15 +132,12 @@ def _apply(ch: ClickHouse, applied: list[int]) -> None:
         applied.append(version)
 
 
-def _renamed_before(ch: ClickHouse, statement: str) -> bool:
-    """Whether `statement` is a RENAME an interrupted run did already (its first target exists)."""
-    if not (match := _RENAME_TARGET.match(statement)):
-        return False
-    found = ch.query_tsv(
-        "SELECT count() FROM system.tables WHERE database = currentDatabase() "
-        f"AND name IN ('{match[1]}', '{match[1]}{LOCAL}')"
-    )
-    return int(found.strip() or 0) > 0
+def _done_before(ch: ClickHouse, statement: str) -> bool:
+    """Whether `statement` is a step an interrupted or concurrent run did already."""
+    for pattern, query in _ALREADY_DONE:
+        if pattern.match(statement):
+            return int(ch.query_tsv(query.format(local=LOCAL)).strip() or 0) > 0
+    return False
 
 
 def apply_retention(ch: ClickHouse, days: int | None) -> str:

@@ -144,6 +144,30 @@ def test_event_versions_keep_the_rows_and_aggregates_and_resume_after_the_rename
     assert tables == "events\n"
 
 
+def test_event_versions_interrupted_after_the_copy_keep_every_row(
+    ch: ClickHouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cut after the old table was dropped, before the ledger: the rerun must not rename the
+    # copied table away and put an empty one in its place.
+    shipped = migrations()
+    before = [m for m in shipped if m[0] < 5]
+    monkeypatch.setattr(migrate_module, "migrations", lambda: before)
+    migrate(ch)
+    ch.execute(
+        "INSERT INTO events (project, event_id, event, timestamp, received_at, session_id) "
+        "SELECT 'p', 'kept', 'e', toDateTime('2026-01-02 03:04:05', 'UTC'), now(), 's'"
+    )
+    versions = next(m for m in shipped if m[0] == 5)
+    cut = (*versions[:2], versions[2] + ";\nINSERT INTO not_there SELECT 1")
+    monkeypatch.setattr(migrate_module, "migrations", lambda: [*before, cut])
+    with pytest.raises(Exception, match="not_there"):
+        migrate(ch, attempts=1)
+    monkeypatch.setattr(migrate_module, "migrations", lambda: shipped)
+    assert migrate(ch) == [v for v, _, _ in shipped if v >= 5]
+    assert ch.query_tsv("SELECT event_id, version FROM events FINAL") == "kept\t0\n"
+    assert ch.query_tsv("SELECT count() FROM events") == "1\n"  # copied once
+
+
 def test_a_new_view_gets_the_events_stored_before_it(
     ch: ClickHouse, monkeypatch: pytest.MonkeyPatch
 ) -> None:

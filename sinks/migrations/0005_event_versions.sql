@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS events_versioned (
 PARTITION BY toYYYYMM(timestamp)
 ORDER BY (project, toDate(timestamp), event, event_id);
 
--- Skipped by the runner when events_unversioned exists (an interrupted run renamed already).
+-- Skipped by the runner when `events` has its version column already (sinks/migrate.py).
 RENAME TABLE events TO events_unversioned, events_versioned TO events;
 
 INSERT INTO events SELECT *, toUInt64(0) FROM events_unversioned;
