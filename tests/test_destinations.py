@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
 from bench.services import Proc
-from ingest.records import EnrichedEvent
+from ingest.records import EnrichedEvent, envelope
 from ingest.retry import retrying
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
@@ -396,6 +396,27 @@ async def test_a_provider_down_holds_back_only_itself_and_catches_up_without_los
         assert {n for k, n in receiver.accepted[p].items() if k in expected} == {1}, p
     retried = [r for r in receiver.of("amplitude") if r.status == 503]
     assert retried and all(r.events() for r in retried)
+
+
+async def test_a_batch_of_envelopes_is_sent_in_requests_of_the_batch_size(
+    broker: str, receiver: Receiver
+) -> None:
+    # A fetch counts records, and an envelope carries many events: requests stay within
+    # MILLIMETRIC_DESTINATIONS_BATCH_EVENTS (10 here) all the same.
+    await ensure_topics(broker)
+    events = [enriched(anonymous_id="same_device") for _ in range(35)]
+    expected = {insert_id(e["event_id"]) for e in events}
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    try:
+        value = envelope([orjson.dumps(e) for e in events])
+        await producer.send_and_wait(topic("enriched").name, value, key=b"demo:same_device")
+    finally:
+        await producer.stop()
+    async with Runners(runner_settings(receiver), broker, ErasureFilter()):
+        await wait_until(lambda: expected <= set(receiver.accepted.get("webhook", {})))
+    sizes = [len(r.events()) for r in receiver.of("webhook")]
+    assert max(sizes) <= 10, sizes
 
 
 def post_as_a_browser(pipeline: Pipeline, body: dict[str, Any]) -> list[str]:

@@ -238,7 +238,9 @@ class Runner:
 
     async def _deliver(self, events: list[EnrichedEvent]) -> None:
         """Send until the provider has taken or refused every event."""
-        parts = [events]
+        # In requests of at most the batch size (a fetch of envelopes can hold more), in order.
+        size = self.settings.destinations_batch_events
+        parts = [events[i : i + size] for i in range(0, len(events), size)][::-1]
         while parts:
             part = [e for e in parts.pop() if not self._forgotten(e)]
             if not part:
