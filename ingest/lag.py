@@ -13,6 +13,7 @@ adds to them, so "a few hundred records, a second or two" is a healthy lag under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -132,13 +133,16 @@ async def watch(bootstrap: str, groups: Sequence[str], stage: str, settings: Set
     monitors: list[LagMonitor] = []
     for name in groups:
         group, topic_key = CONSUMER_GROUPS[name]
-        monitor = LagMonitor(bootstrap, namespaced(group), topic(topic_key).name)
         while True:
+            # A new monitor each try: aiokafka's clients cannot be started twice.
+            monitor = LagMonitor(bootstrap, namespaced(group), topic(topic_key).name)
             try:
                 await monitor.start()
                 break
             except Exception as error:
                 log.warning("lag monitor for %s cannot start yet (%r)", group, error)
+                with contextlib.suppress(Exception):
+                    await monitor.stop()
                 await asyncio.sleep(settings.lag_interval_s)
         monitors.append(monitor)
     try:

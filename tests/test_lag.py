@@ -99,3 +99,25 @@ def test_a_taken_metrics_port_is_a_clear_error() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"127.0.0.1:{port} .*MILLIMETRIC_SINK_METRICS_PORT"):
             serve("sink", port, "127.0.0.1")
+
+
+async def test_a_watch_started_before_its_topic_exists_measures_once_it_does(
+    fresh_broker: str,
+) -> None:
+    # A stage may start before its topics are made: its lag must show once they are.
+    group, topic_key = CONSUMER_GROUPS["processor"]
+    task = asyncio.create_task(
+        watch(fresh_broker, ("processor",), "processor", Settings(lag_interval_s=0.2))
+    )
+    try:
+        await asyncio.sleep(1)  # a few failed starts: the topic is not there yet
+        await ensure_topics(fresh_broker, 1, [topic_key])
+        producer = AIOKafkaProducer(bootstrap_servers=fresh_broker)
+        await producer.start()
+        await producer.send_and_wait(topic(topic_key).name, b"{}", partition=0)
+        await producer.stop()
+        await _until(lambda: _gauge(LAG_RECORDS, group) == 1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -177,6 +177,13 @@ def test_promtool_checks_the_alert_rules() -> None:
 
 
 def test_sink_lag_grows_while_no_sink_runs(pipeline: Pipeline) -> None:
+    # Idle first: what earlier tests sent must not reach the topic after the sink stopped.
+    deadline = time.monotonic() + 90
+    while (
+        any(_status(pipeline)["lag"].get(g, {}).get("records", 1) for g in GROUPS)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
     sink = pipeline.stages["sink"]
     sink.stop()
     try:
