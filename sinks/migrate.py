@@ -2,10 +2,10 @@
 
 Files are templates: `$NAME` placeholders take the type or clause the server version supports
 (the table below), so one migration serves current ClickHouse and the Debian 18.16 server.
-Every statement is idempotent (IF NOT EXISTS; a RENAME whose first target exists is skipped), so
-a migration interrupted half-way is re-run. Sinks starting together on a fresh database race
-(one's ALTER finds the column the other added): the loser tries again after a jittered pause,
-and by then reads the winner's ledger.
+Every statement is idempotent (IF NOT EXISTS; 0005's create, rename and copy are skipped once
+done: `_ALREADY_DONE`), so a migration interrupted half-way is re-run. Sinks starting together
+on a fresh database race (one's ALTER finds the column the other added): the loser tries again
+after a jittered pause, and by then reads the winner's ledger.
 """
 
 from __future__ import annotations
