@@ -15,7 +15,14 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from gateway.auth import ROUTE_KINDS, SEGMENT_ROUTES
-from gateway.models import BatchBody, ForgetBody, IdentifyBody, SegmentMessage, TrackBody
+from gateway.models import (
+    JSON_VALUE_REF,
+    BatchBody,
+    ForgetBody,
+    IdentifyBody,
+    SegmentMessage,
+    TrackBody,
+)
 from gateway.read_api import ANSWERS, PARAMETER_HELP, PARAMETERS
 from gateway.responses import (
     BatchAccepted,
@@ -29,6 +36,7 @@ from gateway.responses import (
     StatsAnswer,
     TrackAccepted,
 )
+from gateway.validate import INT64
 from ingest.errors import ERROR_CODES
 from ingest.settings import Settings
 
@@ -127,6 +135,19 @@ def _json(model: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=model)}}}
 
 
+# A value inside properties and traits, as `validate.py` checks it. JSON Schema counts 2.0 and 1e30
+# as integers, so the integer branch bounds every number without a fraction.
+JSON_VALUE = {
+    "description": "Any JSON value; numbers finite, integers within 64 bits.",
+    "anyOf": [
+        {"type": ["string", "boolean", "null"]},
+        {"type": "integer", "minimum": INT64[0], "maximum": INT64[1]},
+        {"type": "number", "not": {"type": "integer"}},
+        {"type": "array", "items": {"$ref": JSON_VALUE_REF}},
+        {"type": "object", "additionalProperties": {"$ref": JSON_VALUE_REF}},
+    ],
+}
+
 # Bodies with a client `timestamp`, which the gateway takes only within a window of its clock.
 TIMESTAMPED = ("TrackBody", "TrackEvent", "IdentifyBody")
 
@@ -159,6 +180,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     models += [ErrorBody, ForgetStatus, Health, Ready, *(m for _, m in READ_ANSWERS.values())]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = {name: express_rules(name, schema, settings) for name, schema in top["$defs"].items()}
+    schemas["JsonValue"] = JSON_VALUE
     events = schemas["BatchBody"]["properties"]["events"]
     events |= {"minItems": 1, "maxItems": settings.batch_max_events}
     paths: dict[str, Any] = {}
