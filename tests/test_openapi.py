@@ -28,7 +28,8 @@ from schemathesis.checks import (
 )
 
 from gateway.key_admin import create_key, set_project_limit
-from gateway.openapi import build_openapi
+from gateway.models import JSON_VALUE_REF
+from gateway.openapi import JSON_VALUE, build_openapi
 from gateway.rate_limit import Limit
 from ingest.settings import Settings
 from tests.test_gateway_processes import GatewayProcess, wait
@@ -78,6 +79,19 @@ def test_the_document_refuses_what_the_gateway_refuses_in_free_form_objects() ->
         "minimum": -(2**63),
         "maximum": 2**64 - 1,
     }
+
+
+def finite_json(node: Any, depth: int = 3) -> Any:
+    """The document with JsonValue's recursion inlined `depth` levels deep, scalars below: past
+    its own depth limit the fuzzer draws any value for a reference, so it would draw 2**100."""
+    if isinstance(node, dict):
+        if node.get("$ref") == JSON_VALUE_REF:
+            branches = JSON_VALUE["anyOf"] if depth else JSON_VALUE["anyOf"][:3]
+            return finite_json({"anyOf": branches}, depth - 1)
+        return {k: finite_json(v, depth) for k, v in node.items()}
+    if isinstance(node, list):
+        return [finite_json(v, depth) for v in node]
+    return node
 
 
 def windowed(node: Any) -> Any:
@@ -138,7 +152,7 @@ def test_the_gateway_answers_as_its_document_says(broker: str, tmp_path: Path) -
             ),
         )
         document = httpx.get(f"{gw.url}/openapi.json", timeout=30).json()
-        schema = schemathesis.openapi.from_dict(windowed(document))
+        schema = schemathesis.openapi.from_dict(finite_json(windowed(document)))
         headers = {"Authorization": f"Bearer {key}"}
         tested = 0
         for result in schema.get_all_operations():
