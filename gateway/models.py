@@ -60,15 +60,12 @@ Timestamp = Annotated[
     ),
 ]
 Ignored = Annotated[Any, Field(None, exclude=True, description="Set by the server; ignored.")]
-# What `validate.py` takes in a free-form object; /openapi.json defines it (gateway/openapi.py).
-JSON_VALUE_REF = "#/components/schemas/JsonValue"
 Properties = Annotated[
     dict[str, Any],
     Field(
         default_factory=dict,
         description="Free-form JSON object, at most MILLIMETRIC_PROPERTIES_MAX_BYTES (8192) "
         "bytes as compact UTF-8 JSON; numbers must be finite and fit in 64 bits.",
-        json_schema_extra={"additionalProperties": {"$ref": JSON_VALUE_REF}},
     ),
 ]
 ForwardedIp = Annotated[

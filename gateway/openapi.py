@@ -16,7 +16,6 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.auth import ROUTE_KINDS, SEGMENT_ROUTES
 from gateway.models import (
-    JSON_VALUE_REF,
     BatchBody,
     ForgetBody,
     IdentifyBody,
@@ -135,6 +134,7 @@ def _json(model: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=model)}}}
 
 
+JSON_VALUE_REF = REF.format(model="JsonValue")
 # A value inside properties and traits, as `validate.py` checks it. JSON Schema counts 2.0 and 1e30
 # as integers, so the integer branch bounds every number without a fraction.
 JSON_VALUE = {
@@ -148,6 +148,9 @@ JSON_VALUE = {
     ],
 }
 
+# The free-form objects of each body, whose values are JsonValue (the models say only "object":
+# a reference there would break each model's own model_json_schema()).
+FREE_FORM = {"TrackBody": "properties", "TrackEvent": "properties", "IdentifyBody": "traits"}
 # Bodies with a client `timestamp`, which the gateway takes only within a window of its clock.
 TIMESTAMPED = ("TrackBody", "TrackEvent", "IdentifyBody")
 
@@ -155,7 +158,9 @@ TIMESTAMPED = ("TrackBody", "TrackEvent", "IdentifyBody")
 def express_rules(name: str, schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """A model's schema with the rules the gateway checks beyond the model: the timestamp window
     (`x-max-age-days`, `x-max-future-s`: JSON Schema has no time relative to now), and a forget
-    naming a user_id, an anonymous_id or both."""
+    naming a user_id, an anonymous_id or both; free-form values as JsonValue."""
+    if name in FREE_FORM:
+        schema["properties"][FREE_FORM[name]]["additionalProperties"] = {"$ref": JSON_VALUE_REF}
     if name in TIMESTAMPED:
         timestamp = schema["properties"]["timestamp"]
         timestamp["anyOf"] = [

@@ -28,8 +28,8 @@ from schemathesis.checks import (
 )
 
 from gateway.key_admin import create_key, set_project_limit
-from gateway.models import JSON_VALUE_REF
-from gateway.openapi import JSON_VALUE, build_openapi
+from gateway.models import BatchBody, ForgetBody, IdentifyBody, TrackBody, TrackEvent
+from gateway.openapi import JSON_VALUE, JSON_VALUE_REF, build_openapi
 from gateway.rate_limit import Limit
 from ingest.settings import Settings
 from tests.test_gateway_processes import GatewayProcess, wait
@@ -58,6 +58,13 @@ def test_the_document_is_valid_openapi() -> None:
     )
     forget = doc["components"]["schemas"]["ForgetBody"]
     assert [branch["required"] for branch in forget["anyOf"]] == [["user_id"], ["anonymous_id"]]
+
+
+def test_each_body_model_has_its_own_json_schema() -> None:
+    # A reference to the document's JsonValue inside a model broke its model_json_schema().
+    for model in (TrackBody, TrackEvent, IdentifyBody, BatchBody, ForgetBody):
+        schema = model.model_json_schema()
+        Draft202012Validator.check_schema(schema)
 
 
 def test_the_document_refuses_what_the_gateway_refuses_in_free_form_objects() -> None:
