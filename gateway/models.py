@@ -147,27 +147,3 @@ class ForgetBody(BaseModel):
     user_id: Id | None = None
     anonymous_id: Id | None = None
     suppress: bool = False
-
-
-class SegmentMessage(BaseModel):
-    """A Segment (or RudderStack) message, as /v1/page, /v1/screen, /v1/group and /v1/alias take
-    it and /v1/track, /v1/identify and /v1/batch take it besides ours (README: "Coming from
-    Segment or RudderStack" maps each field); other keys are kept under properties.$segment."""
-
-    model_config = ConfigDict(extra="allow")
-
-    type: str | None = None
-    messageId: str | None = None
-    anonymousId: str | int | None = None
-    userId: str | int | None = None
-    event: str | None = None
-    name: str | None = None
-    category: str | None = None
-    groupId: str | int | None = None
-    previousId: str | int | None = None
-    properties: dict[str, Any] | None = None
-    traits: dict[str, Any] | None = None
-    context: dict[str, Any] | None = None
-    integrations: dict[str, Any] | None = None
-    timestamp: str | None = None
-    sentAt: str | None = None

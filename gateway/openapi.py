@@ -19,10 +19,18 @@ from gateway.models import (
     BatchBody,
     ForgetBody,
     IdentifyBody,
-    SegmentMessage,
     TrackBody,
 )
-from gateway.read_api import ANSWERS, PARAMETER_HELP, PARAMETERS
+from gateway.read_api import (
+    ANSWERS,
+    EVENT_NAME_MAX,
+    PARAMETER_HELP,
+    PARAMETERS,
+    READ_EARLIEST,
+    READ_LATEST,
+    TIME_ZONES,
+)
+from gateway.read_queries import BUCKETS, GROUP_COLUMNS
 from gateway.responses import (
     BatchAccepted,
     ErrorBody,
@@ -41,8 +49,8 @@ from ingest.settings import Settings
 
 REF = "#/components/schemas/{model}"
 
-# route -> (summary, request model, 202 model)
-OPERATIONS: dict[str, tuple[str, type[BaseModel], type[BaseModel]]] = {
+# route -> (summary, request model (None: a Segment body, `segment_body`), 202 model)
+OPERATIONS: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel]]] = {
     "track": ("Track one event.", TrackBody, TrackAccepted),
     "identify": (
         "Link an anonymous visitor to a user; flows as a `$identify` event.",
@@ -52,7 +60,7 @@ OPERATIONS: dict[str, tuple[str, type[BaseModel], type[BaseModel]]] = {
     "batch": ("Track many events, all or nothing.", BatchBody, BatchAccepted),
     "forget": ("Request erasure of a user's events (sk_ keys only).", ForgetBody, ForgetAccepted),
 } | {
-    route: (f"Segment's `{route}` call (HTTP Basic or Bearer key).", SegmentMessage, TrackAccepted)
+    route: (f"Segment's `{route}` call (HTTP Basic or Bearer key).", None, TrackAccepted)
     for route in SEGMENT_ROUTES
 }
 HOOK_ERRORS = [
@@ -179,9 +187,95 @@ def express_rules(name: str, schema: dict[str, Any], settings: Settings) -> dict
     return schema
 
 
+FREE_OBJECT = {"type": ["object", "null"], "additionalProperties": {"$ref": JSON_VALUE_REF}}
+SEGMENT_ID = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": 128},
+        {"type": "integer", "minimum": INT64[0], "maximum": INT64[1]},
+        {"type": "null"},
+    ]
+}
+# What each Segment-only route needs besides an object (gateway/segment.py refuses it without).
+SEGMENT_REQUIRED = {
+    "page": [],
+    "screen": [],
+    "group": ["groupId"],
+    "alias": ["previousId", "userId"],
+}
+
+
+def _text(max_length: int) -> dict[str, Any]:
+    return {"type": ["string", "null"], "maxLength": max_length}
+
+
+def segment_body(route: str, timestamp: dict[str, Any]) -> dict[str, Any]:
+    """A Segment-only route's body, as gateway/segment.py maps and checks it: ids are strings or
+    integers, the objects hold JsonValues, `context` gives the page, IP and User-Agent; any
+    other key is kept under properties.$segment. `timestamp` is moved by the device's clock
+    skew (server time minus `sentAt`: `x-skew-of`) before its window is checked."""
+    page = {"url": _text(8192), "path": _text(8192), "referrer": _text(8192)}
+    required = SEGMENT_REQUIRED[route]
+    return {
+        "type": "object",
+        "description": f"Segment's `{route}` message.",
+        "properties": {
+            "messageId": SEGMENT_ID,
+            "anonymousId": SEGMENT_ID,
+            "userId": SEGMENT_ID,
+            "groupId": SEGMENT_ID,
+            "previousId": SEGMENT_ID,
+            **{key: {"$ref": JSON_VALUE_REF} for key in ("type", "event", "name", "category")},
+            "properties": FREE_OBJECT,
+            "traits": FREE_OBJECT,
+            "integrations": FREE_OBJECT,
+            "context": FREE_OBJECT
+            | {
+                "properties": {
+                    "ip": _text(64),
+                    "userAgent": _text(2048),
+                    "page": FREE_OBJECT | {"properties": page},
+                    "campaign": FREE_OBJECT,
+                }
+            },
+            "timestamp": timestamp,
+            "sentAt": {
+                "anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}],
+                "x-skew-of": "timestamp",
+            },
+        }
+        | {field: SEGMENT_ID | {"anyOf": SEGMENT_ID["anyOf"][:2]} for field in required},
+        "required": required,
+        "additionalProperties": {"$ref": JSON_VALUE_REF},
+    }
+
+
+def read_parameters(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each read parameter's schema, as `read_api.Params` checks it. `from` and `to` carry their
+    bounds (`x-earliest`, `x-latest`) and `to` its distance from `from` (`x-max-range-days`):
+    JSON Schema compares no dates."""
+    instant = {
+        "type": "string",
+        "anyOf": [{"format": "date"}, {"format": "date-time"}],
+        "x-earliest": READ_EARLIEST.date().isoformat(),
+        "x-latest": READ_LATEST.date().isoformat(),
+    }
+    name = {"type": "string", "maxLength": EVENT_NAME_MAX}
+    return {
+        "from": instant,
+        "to": instant | {"x-max-range-days": settings.read_max_range_days},
+        "event": name,
+        "conversion_event": name,
+        "interval": {"type": "string", "enum": sorted(BUCKETS)},
+        "group_by": {"type": "string", "enum": sorted(GROUP_COLUMNS)},
+        "tz": {"type": "string", "enum": sorted(TIME_ZONES)},
+        "limit": {"type": "integer", "minimum": 1, "maximum": settings.read_max_rows},
+        "cursor": {"type": "string", "format": "base64url"},
+    }
+
+
 def build_openapi(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a gateway running with `settings`."""
-    models: list[type[BaseModel]] = [m for _, req, ok in OPERATIONS.values() for m in (req, ok)]
+    models = [m for _, req, ok in OPERATIONS.values() for m in (req, ok) if m is not None]
     models += [ErrorBody, ForgetStatus, Health, Ready, *(m for _, m in READ_ANSWERS.values())]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = {name: express_rules(name, schema, settings) for name, schema in top["$defs"].items()}
@@ -194,6 +288,10 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         kinds = ", ".join(f"{k}_" for k in sorted(ROUTE_KINDS[route][0]))
         ok = {"description": "Acknowledged by the broker.", "content": _json(accepted.__name__)}
         segment_ok = ok | {"description": "A Segment body, acknowledged by the broker."}
+        body_name = f"Segment{route.title()}" if request is None else request.__name__
+        if request is None:
+            timestamp = schemas["TrackEvent"]["properties"]["timestamp"]
+            schemas[body_name] = segment_body(route, timestamp)
         post = {
             "operationId": route,
             "summary": summary,
@@ -203,7 +301,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 {"basic": []},
                 *([{"query_key": []}] if "pk" in ROUTE_KINDS[route][0] else []),
             ],
-            "requestBody": {"required": True, "content": _json(request.__name__)},
+            "requestBody": {"required": True, "content": _json(body_name)},
             "responses": {
                 **({} if route in SEGMENT_ROUTES else {"202": ok}),
                 **({"200": segment_ok} if route in SEGMENT_BODIES else {}),
@@ -260,6 +358,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             },
         }
     }
+    schemas_of_parameters = read_parameters(settings)
     for route in ANSWERS:
         summary, answer = READ_ANSWERS[route]
         paths[f"/v1/{route}"] = {
@@ -276,7 +375,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                         "in": "query",
                         "required": name in ("from", "to"),
                         "description": PARAMETER_HELP[name],
-                        "schema": {"type": "string"},
+                        "schema": schemas_of_parameters[name],
                     }
                     for name in sorted(PARAMETERS[route])
                 ],

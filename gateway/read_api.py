@@ -56,6 +56,8 @@ PARAMETER_HELP = {
     "cursor": "The previous page's `next_cursor`.",
 }
 TIME_ZONES = zoneinfo.available_timezones()
+# What an event's time can be (gateway/models.py: MIN_TS_MS, MAX_TS_MS), a date `to` included.
+READ_EARLIEST, READ_LATEST = datetime(1970, 1, 1), datetime(2106, 1, 1)
 
 
 class BadParameters(Exception):
@@ -120,12 +122,19 @@ class Params:
                 value += timedelta(days=1) if end else timedelta()
             else:
                 value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=zoneinfo.ZoneInfo(tz))
+            # Years 1 and 9999 can step out of datetime's range by a day or an offset.
+            value = value.astimezone(UTC).replace(tzinfo=None)
         except ValueError:
             self.bad(field, "not an ISO 8601 date (2026-03-01) or time (2026-03-01T12:00:00Z)")
             return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=zoneinfo.ZoneInfo(tz))
-        return value.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            value = datetime.max
+        if not READ_EARLIEST <= value <= READ_LATEST:
+            self.bad(field, "must be between 1970 and 2105 (what ClickHouse stores)")
+            return None
+        return value
 
     def range(self, tz: str) -> tuple[datetime, datetime]:
         """`from` and `to`, ordered and at most `read_max_range_days` apart."""

@@ -99,7 +99,9 @@ def parse_single(body: bytes) -> dict[str, Any]:
 
 
 def _id(value: Any) -> Any:
-    # Segment's SDKs accept numeric ids and send them as numbers.
+    # Segment's SDKs accept numeric ids and send them as numbers; JSON's 7.0 is the integer 7.
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 

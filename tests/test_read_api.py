@@ -221,6 +221,9 @@ def test_a_publishable_key_is_refused(pipeline: Pipeline, keys: dict[str, str]) 
         ("/v1/stats", {"from": "yesterday", "to": "2026-03-01"}, "from"),
         ("/v1/stats", {"from": "2026-03-02", "to": "2026-03-01"}, "to"),
         ("/v1/stats", {"from": "2020-01-01", "to": "2026-03-01"}, "to"),
+        ("/v1/stats", {"from": "9999-12-30", "to": "9999-12-31"}, "to"),  # a 500 before
+        ("/v1/stats", {"from": "0001-01-01", "to": "0001-01-02", "tz": "Asia/Tokyo"}, "from"),
+        ("/v1/stats", {"from": "1969-12-30", "to": "1969-12-31"}, "from"),
         ("/v1/stats", {"from": "2026-03-01", "to": "2026-03-02", "interval": "week"}, "interval"),
         ("/v1/stats", {"from": "2026-03-01", "to": "2026-03-02", "tz": "Mars/Base"}, "tz"),
         ("/v1/stats", {"from": "2026-03-01", "to": "2026-03-02", "evnt": "x"}, "evnt"),

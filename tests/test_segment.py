@@ -236,3 +236,13 @@ async def test_the_timestamp_window_applies_to_the_corrected_timestamp(gw: Gw) -
         headers=basic(gw.sk),
     )
     assert check_error(r, "invalid_payload")["details"][0]["field"] == "timestamp"
+
+
+async def test_an_integral_number_is_an_integer_id(gw: Gw) -> None:
+    # JSON has one number type: 283.0 is the integer 283, as JSON Schema (the document) says.
+    r = await gw.post("/v1/page", {"userId": 283.0, "messageId": 7}, headers=basic(gw.sk))
+    event_id = accepted(r, "track")["event_id"]
+    record = (await raw_records(gw.bootstrap, [event_id]))[event_id]
+    assert (record["user_id"], event_id) == ("283", "7")
+    refused = await gw.post("/v1/page", {"userId": 283.5}, headers=basic(gw.sk))
+    check_error(refused, "invalid_payload")
