@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ingest.dev_extra import DevExtraMissing
 from ingest.logs import dict_config
 from ingest.settings import Settings
 
@@ -373,11 +374,34 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if figures["unhealthy"] else 0
 
 
+def _import_bench() -> Any:
+    """bench.run, which is not in the wheel: from the checkout this package was installed from
+    (`pip install -e`), or an exit saying where to run it."""
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "bench" / "run.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))  # an editable install maps only the shipped packages
+    try:
+        import bench.run
+    except ModuleNotFoundError as error:
+        if error.name not in ("bench", "bench.run"):
+            raise DevExtraMissing(
+                f"{error.name} is not installed: the benches need the bench extra "
+                "(pip install -e '.[bench]' in a checkout)"
+            ) from error
+        sys.exit(
+            "millimetric bench: the benches are not part of the installed package; run them "
+            "from a checkout: git clone the repository, then pip install -e '.[bench]' "
+            "and run .venv/bin/millimetric bench there"
+        )
+    return bench.run
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from bench.run import main as run_bench
-
+    run_bench = _import_bench().main
     return run_bench(args.quick, Path(args.json) if args.json else None, args.read_events)
 
 
@@ -643,7 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = _settings(args)
     logging.config.dictConfig(dict_config(settings.log_level))
-    return int(args.run(settings, args) or 0)
+    try:
+        return int(args.run(settings, args) or 0)
+    except DevExtraMissing as error:  # production installs: say which extra, not a traceback
+        sys.exit(f"millimetric {args.command}: {error}")
 
 
 if __name__ == "__main__":
