@@ -296,57 +296,29 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-FORGET_STATUS_COLUMNS = (
-    "status",
-    "requested_at_ms",
-    "completed_at_ms",
-    "anonymous_ids",
-    "events_deleted",
-    "sessions_deleted",
-    "identities_deleted",
-    "attempts",
-    "reason",
-)
-
-
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.key_admin import read_key_records
+    from ingest import forget_status
+    from ingest.kafka_connection import security_options
+
     forget_id = args.forget_id
     if not re.fullmatch(r"fgt_[0-9a-f]{32}", forget_id):
         sys.exit("millimetric forget: a forget id looks like fgt_ and 32 hex digits")
-    row = _query(
-        settings,
-        (
-            f"SELECT {', '.join(FORGET_STATUS_COLUMNS)} FROM forget_audit FINAL "
-            f"WHERE forget_id = '{forget_id}'"
-        ),
-    ).rstrip("\n")
-    if not row:  # accepted but not picked up by a sink yet, or unknown
-        print(json.dumps({"forget_id": forget_id, "status": "pending"}))
-        return 0
-    *values, reason = row.split("\t")
-    status: dict[str, Any] = {"forget_id": forget_id, "status": values[0]}
-    status |= {
-        name: int(v) for name, v in zip(FORGET_STATUS_COLUMNS[1:-1], values[1:], strict=True)
-    }
-    if reason:
-        status["reason"] = reason
-    if status["status"] == "done":
-        status["duration_ms"] = status["completed_at_ms"] - status["requested_at_ms"]
+    bootstrap = _bootstrap(settings)
+    # The keys topic, which the gateway's GET /v1/forget/{forget_id} answers from too.
+    records = asyncio.run(read_key_records(bootstrap, security=security_options(settings)))
+    status = forget_status.answer(forget_id, forget_status.latest(records, forget_id))
     if settings.destinations():
-        status["destinations"] = _forget_destinations(settings, forget_id)
+        status["destinations"] = _forget_destinations(settings, bootstrap, forget_id)
     print(json.dumps(status))
     return 0
 
 
-def _forget_destinations(settings: Settings, forget_id: str) -> dict[str, Any]:
+def _forget_destinations(settings: Settings, bootstrap: str, forget_id: str) -> dict[str, Any]:
     """Each destination's outcome of a forget (PostHog, Mixpanel, Amplitude deletion)."""
     from ingest.kafka_connection import security_options
-    from millimetric_app.dev import running_dev_bootstrap
     from sinks.destinations.forgets import outcomes
 
-    bootstrap = settings.kafka_bootstrap_servers or running_dev_bootstrap(settings.data_dir)
-    if bootstrap is None:
-        return {}
     found = asyncio.run(outcomes(bootstrap, forget_id, security_options(settings)))
     return {name: {"status": o["status"], "detail": o["detail"]} for name, o in found.items()}
 
