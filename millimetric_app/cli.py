@@ -324,7 +324,7 @@ def _forget_destinations(settings: Settings, bootstrap: str, forget_id: str) -> 
 
 
 def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
-    from processors.classify import run_classify_cli
+    from processors.classify_cli import run_classify_cli
 
     return run_classify_cli(args.url, args.referrer, sys.stdin, sys.stdout)
 
