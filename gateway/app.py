@@ -30,6 +30,7 @@ from gateway.responses import error_response, json_response
 from gateway.snippet import build as build_snippet
 from gateway.snippet import serve as serve_snippet
 from gateway.state import Gateway
+from ingest.forget_status import answer as forget_answer
 from ingest.logs import dict_config
 from ingest.ops_port import serve
 from ingest.settings import Settings
@@ -48,23 +49,7 @@ async def _forget_status(request: Request) -> Response:
         return error_response(error.code, retry)
     forget_id = request.path_params["forget_id"]
     status = gw.keys.forget_status(who.project, forget_id)
-    if status is None:
-        return json_response({"ok": True, "forget_id": forget_id, "status": "pending"}, 200)
-    if status["status"] != "done":  # a sink is retrying it: say why
-        body = {"status": status["status"], "reason": status.get("reason", "")}
-        body["attempts"] = status.get("attempts", 0)
-        return json_response({"ok": True, "forget_id": forget_id, **body}, 200)
-    counts = ("anonymous_ids", "events_deleted", "sessions_deleted", "identities_deleted")
-    return json_response(
-        {
-            "ok": True,
-            "forget_id": forget_id,
-            "status": status["status"],
-            **{name: status[name] for name in counts},  # type: ignore[literal-required]
-            "duration_ms": status["completed_at"] - status["requested_at"],
-        },
-        200,
-    )
+    return json_response({"ok": True, **forget_answer(forget_id, status)}, 200)
 
 
 async def _health(request: Request) -> Response:

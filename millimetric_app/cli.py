@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ingest.dev_extra import DevExtraMissing
 from ingest.logs import dict_config
 from ingest.settings import Settings
 
@@ -295,63 +296,35 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-FORGET_STATUS_COLUMNS = (
-    "status",
-    "requested_at_ms",
-    "completed_at_ms",
-    "anonymous_ids",
-    "events_deleted",
-    "sessions_deleted",
-    "identities_deleted",
-    "attempts",
-    "reason",
-)
-
-
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.key_admin import read_key_records
+    from ingest import forget_status
+    from ingest.kafka_connection import security_options
+
     forget_id = args.forget_id
     if not re.fullmatch(r"fgt_[0-9a-f]{32}", forget_id):
         sys.exit("millimetric forget: a forget id looks like fgt_ and 32 hex digits")
-    row = _query(
-        settings,
-        (
-            f"SELECT {', '.join(FORGET_STATUS_COLUMNS)} FROM forget_audit FINAL "
-            f"WHERE forget_id = '{forget_id}'"
-        ),
-    ).rstrip("\n")
-    if not row:  # accepted but not picked up by a sink yet, or unknown
-        print(json.dumps({"forget_id": forget_id, "status": "pending"}))
-        return 0
-    *values, reason = row.split("\t")
-    status: dict[str, Any] = {"forget_id": forget_id, "status": values[0]}
-    status |= {
-        name: int(v) for name, v in zip(FORGET_STATUS_COLUMNS[1:-1], values[1:], strict=True)
-    }
-    if reason:
-        status["reason"] = reason
-    if status["status"] == "done":
-        status["duration_ms"] = status["completed_at_ms"] - status["requested_at_ms"]
+    bootstrap = _bootstrap(settings)
+    # The keys topic, which the gateway's GET /v1/forget/{forget_id} answers from too.
+    records = asyncio.run(read_key_records(bootstrap, security=security_options(settings)))
+    status = forget_status.answer(forget_id, forget_status.latest(records, forget_id))
     if settings.destinations():
-        status["destinations"] = _forget_destinations(settings, forget_id)
+        status["destinations"] = _forget_destinations(settings, bootstrap, forget_id)
     print(json.dumps(status))
     return 0
 
 
-def _forget_destinations(settings: Settings, forget_id: str) -> dict[str, Any]:
+def _forget_destinations(settings: Settings, bootstrap: str, forget_id: str) -> dict[str, Any]:
     """Each destination's outcome of a forget (PostHog, Mixpanel, Amplitude deletion)."""
     from ingest.kafka_connection import security_options
-    from millimetric_app.dev import running_dev_bootstrap
     from sinks.destinations.forgets import outcomes
 
-    bootstrap = settings.kafka_bootstrap_servers or running_dev_bootstrap(settings.data_dir)
-    if bootstrap is None:
-        return {}
     found = asyncio.run(outcomes(bootstrap, forget_id, security_options(settings)))
     return {name: {"status": o["status"], "detail": o["detail"]} for name, o in found.items()}
 
 
 def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
-    from processors.classify import run_classify_cli
+    from processors.classify_cli import run_classify_cli
 
     return run_classify_cli(args.url, args.referrer, sys.stdin, sys.stdout)
 
@@ -373,11 +346,34 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if figures["unhealthy"] else 0
 
 
+def _import_bench() -> Any:
+    """bench.run, which is not in the wheel: from the checkout this package was installed from
+    (`pip install -e`), or an exit saying where to run it."""
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "bench" / "run.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))  # an editable install maps only the shipped packages
+    try:
+        import bench.run
+    except ModuleNotFoundError as error:
+        if error.name not in ("bench", "bench.run"):
+            raise DevExtraMissing(
+                f"{error.name} is not installed: the benches need the bench extra "
+                "(pip install -e '.[bench]' in a checkout)"
+            ) from error
+        sys.exit(
+            "millimetric bench: the benches are not part of the installed package; run them "
+            "from a checkout: git clone the repository, then pip install -e '.[bench]' "
+            "and run .venv/bin/millimetric bench there"
+        )
+    return bench.run
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from bench.run import main as run_bench
-
+    run_bench = _import_bench().main
     return run_bench(args.quick, Path(args.json) if args.json else None, args.read_events)
 
 
@@ -643,7 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = _settings(args)
     logging.config.dictConfig(dict_config(settings.log_level))
-    return int(args.run(settings, args) or 0)
+    try:
+        return int(args.run(settings, args) or 0)
+    except DevExtraMissing as error:  # production installs: say which extra, not a traceback
+        sys.exit(f"millimetric {args.command}: {error}")
 
 
 if __name__ == "__main__":

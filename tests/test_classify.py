@@ -1,4 +1,5 @@
-"""Tests for the traffic-source classifier (processors/classify.py).
+"""Tests for the traffic-source classifier (processors/classify.py, its rule table in
+processors/attribution_rules.py, its command in processors/classify_cli.py).
 
 Sources of the expected values, cited per case:
   GA4       "[GA4] Default channel group", support.google.com/analytics/answer/9756891
@@ -19,16 +20,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from processors.attribution_rules import ATTRIBUTION_PATH, Channel, RuleError
 from processors.classify import (
-    ATTRIBUTION_PATH,
     CLASSIFIER_VERSION,
-    Channel,
     Classification,
     Classifier,
-    RuleError,
     default_classifier,
-    run_classify_cli,
 )
+from processors.classify_cli import run_classify_cli
 from processors.referrers import Referrers, clean_host
 
 SITE = "https://shop.example/landing"

@@ -629,7 +629,7 @@ def test_forget_status_names_each_destinations_outcome(broker: str) -> None:
 
     asyncio.run(record())
     settings = Settings(kafka_bootstrap_servers=broker, posthog_api_key=SecretStr("phc"))
-    assert _forget_destinations(settings, forget_id) == {
+    assert _forget_destinations(settings, broker, forget_id) == {
         "posthog": {"status": "done", "detail": ""}  # the latest outcome
     }
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from processors.classify import Classifier, default_classifier, run_classify_cli
+from processors.classify import Classifier, default_classifier
+from processors.classify_cli import run_classify_cli
 from processors.referrers import CATEGORIES, HAND, LISTS_PATH, REFERRERS_PATH, Known, Referrers
 
 SITE = "https://shop.example/"
