@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -85,20 +82,9 @@ def send(p: Pipeline, role: str, records: list[dict]) -> None:
     asyncio.run(produce(p.bootstrap, topic(role).name, pairs))
 
 
-def status(p: Pipeline, forget_id: str) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-m", "millimetric_app.cli", "forget", "status", forget_id],
-        env=p.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return json.loads(out.stdout) if out.returncode == 0 else {}
-
-
 def wait_done(p: Pipeline, forget_id: str, timeout: float = 90) -> dict[str, object]:
     deadline = time.monotonic() + timeout
-    while (answer := status(p, forget_id)).get("status") != "done":
+    while (answer := p.forget_status(forget_id)).get("status") != "done":
         assert time.monotonic() < deadline, answer
         time.sleep(0.5)
     return answer
@@ -167,7 +153,7 @@ def test_a_failing_forget_is_retried_with_its_reason_and_blocks_no_other(sink: P
     send(sink, "erasures", [failing, fine])
     assert wait_done(sink, fine["forget_id"])["events_deleted"] == 1
     deadline = time.monotonic() + 60
-    while not (answer := status(sink, failing["forget_id"])).get("reason"):
+    while not (answer := sink.forget_status(failing["forget_id"])).get("reason"):
         assert time.monotonic() < deadline, answer
         time.sleep(0.5)
     assert answer["status"] == "pending" and "code 60" in str(answer["reason"]), answer

@@ -43,19 +43,13 @@ def track(p: Pipeline, **fields: object) -> str:
 
 
 def forget_status(p: Pipeline, forget_id: str, timeout: float = 90) -> dict[str, object]:
+    """The forget's status once done, or the last one seen at the timeout."""
     deadline = time.monotonic() + timeout
-    while True:
-        out = subprocess.run(
-            [sys.executable, "-m", "millimetric_app.cli", "forget", "status", forget_id],
-            env=p.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        status = json.loads(out.stdout) if out.returncode == 0 else {}
-        if status.get("status") == "done" or time.monotonic() > deadline:
-            return status
+    while (status := p.forget_status(forget_id))["status"] != "done":
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.5)
+    return status
 
 
 def erasure_devices(p: Pipeline, forget_id: str) -> list[str]:
@@ -111,7 +105,10 @@ def test_forget_erases_both_devices_and_their_sessions(pipeline: Pipeline) -> No
             headers={"Authorization": f"Bearer {pipeline.key}"},
         ).json()
         time.sleep(0.2)
-    assert answer == {"ok": True, **status}, (answer, status)
+    command = [sys.executable, "-m", "millimetric_app.cli", "forget", "status", forget_id]
+    cli = subprocess.run(command, env=pipeline.env, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert answer == {"ok": True, **json.loads(cli.stdout)} == {"ok": True, **status}, answer
     assert pipeline.sql("SELECT event_id FROM events") == f"{bystander}\n"
     assert pipeline.sql("SELECT count() FROM identities") == "0\n"
     sessions = pipeline.sql("SELECT anyMerge(anonymous_id) FROM sessions GROUP BY session_id")
