@@ -8,9 +8,10 @@ WORKDIR /src
 # Dependencies first, in their own layer: a code change does not reinstall them. No extra: the
 # image runs against a ClickHouse server and Kafka, without dev's embedded services (chdb, Tansu).
 COPY pyproject.toml ./
-RUN mkdir millimetric_app ingest gateway processors sinks \
+RUN mkdir millimetric millimetric_app ingest gateway processors sinks \
     && /opt/millimetric/bin/pip install --no-compile . \
     && /opt/millimetric/bin/pip uninstall -y millimetric-ingest
+COPY millimetric millimetric
 COPY millimetric_app millimetric_app
 COPY ingest ingest
 COPY gateway gateway

@@ -87,3 +87,13 @@ def test_a_command_without_the_dev_extra_exits_with_the_message(tmp_path: Path) 
     assert out.stderr.startswith(
         "millimetric sql: chdb is not installed: install millimetric-ingest[dev]"
     ), out.stderr
+
+
+def test_the_docker_image_copies_every_package_the_wheel_ships() -> None:
+    # The image builds the wheel from what it copied: a package left out is missing in production.
+    shipped = {p.partition(".")[0] for p in wheel_config().packages}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = {line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")}
+    allowed = {line.strip("!/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert shipped <= copied, shipped - copied
+    assert shipped <= allowed, shipped - allowed
