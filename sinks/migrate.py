@@ -5,7 +5,8 @@ Files are templates: `$NAME` placeholders take the type or clause the server ver
 Every statement is idempotent (IF NOT EXISTS; 0005's create, rename and copy are skipped once
 done: `_ALREADY_DONE`), so a migration interrupted half-way is re-run. Sinks starting together
 on a fresh database race (one's ALTER finds the column the other added): the loser tries again
-after a jittered pause, and by then reads the winner's ledger.
+after a jittered pause, and by then reads the winner's ledger; a view that the loser's 0005
+dropped after the winner made it again is made again at the end of every pass.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ _ALREADY_DONE: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
 )
 _VIEW = re.compile(
-    r"CREATE MATERIALIZED VIEW IF NOT EXISTS \w+\s+TO\s+(\w+)\s+AS\s+(SELECT\s.*)", re.S
+    r"CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\s+TO\s+(\w+)\s+AS\s+(SELECT\s.*)", re.S
 )
+_DROP = re.compile(r"DROP TABLE IF EXISTS (\w+)$")
 
 LEDGER = (
     "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -89,8 +91,20 @@ def backfill(statement: str) -> str | None:
     states are sets or extrema, so that changes nothing). Columns go by position: each view
     selects its table's columns in order (tests/test_migrations.py checks)."""
     if match := _VIEW.fullmatch(statement):
-        return f"INSERT INTO {match[1]} {match[2]}"
+        return f"INSERT INTO {match[2]} {match[3]}"
     return None
+
+
+def views(features: Features) -> dict[str, str]:
+    """Each materialized view the shipped migrations leave in place: name -> its last CREATE."""
+    found: dict[str, str] = {}
+    for _, _, template in migrations():
+        for statement in statements(template, features):
+            if match := _VIEW.fullmatch(statement):
+                found[match[1]] = statement
+            elif match := _DROP.fullmatch(statement):
+                found.pop(match[1], None)
+    return found
 
 
 def migrate(ch: ClickHouse, attempts: int = MIGRATE_ATTEMPTS) -> list[int]:
@@ -130,6 +144,24 @@ def _apply(ch: ClickHouse, applied: list[int]) -> None:
         )
         log.info("applied migration %04d_%s", version, name)
         applied.append(version)
+    _restore_views(ch)
+
+
+def _restore_views(ch: ClickHouse) -> None:
+    """Make again, and fill from `events`, each view a concurrent or killed sink's 0005 dropped
+    after this one's was done (its ledger says applied: nobody would make the view again, and
+    every aggregate would stop). Filling twice changes nothing: states are sets or extrema."""
+    tables = set(
+        ch.query_tsv("SELECT name FROM system.tables WHERE database = currentDatabase()").split()
+    )
+    for name, statement in views(ch.features).items():
+        if name in tables or f"{name}{LOCAL}" in tables:
+            continue
+        log.warning("materialized view %s was missing: made again and filled from events", name)
+        fill = backfill(statement)
+        assert fill is not None
+        for form in statements_for(ch, statement) + statements_for(ch, fill):
+            ch.execute(form)
 
 
 def _done_before(ch: ClickHouse, statement: str) -> bool:

@@ -191,6 +191,26 @@ def test_a_new_view_gets_the_events_stored_before_it(
     assert ch.query_tsv(counts) == "3\t2\n"
 
 
+def test_a_view_dropped_by_a_concurrent_sink_is_made_again_with_what_events_holds(
+    ch: ClickHouse,
+) -> None:
+    # Two sinks on a fresh database: one's 0005 dropped the views after the other's had made
+    # them again, and both ledgers said done; daily_rollup got nothing (CI: 6000 events, 0).
+    migrate(ch)
+    ch.execute("DROP TABLE daily_rollup_mv")
+    ch.execute(
+        "INSERT INTO events (project, event_id, event, timestamp, received_at, anonymous_id) "
+        "SELECT 'p', 'e1', 'page', now(), now(), 'v1'"
+    )
+    assert migrate(ch) == []
+    ch.execute(
+        "INSERT INTO events (project, event_id, event, timestamp, received_at, anonymous_id) "
+        "SELECT 'p', 'e2', 'page', now(), now(), 'v1'"
+    )
+    counts = "SELECT uniqExactMerge(events), uniqExactMerge(visitors) FROM daily_rollup"
+    assert ch.query_tsv(counts) == "2\t1\n"
+
+
 def test_every_view_selects_its_tables_columns_in_order(tmp_path: Path) -> None:
     # backfill() inserts a view's SELECT by position: a reordered column would misplace states.
     ch = EmbeddedClickHouse(tmp_path / "clickhouse")
