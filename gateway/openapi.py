@@ -188,13 +188,6 @@ def express_rules(name: str, schema: dict[str, Any], settings: Settings) -> dict
 
 
 FREE_OBJECT = {"type": ["object", "null"], "additionalProperties": {"$ref": JSON_VALUE_REF}}
-SEGMENT_ID = {
-    "anyOf": [
-        {"type": "string", "minLength": 1, "maxLength": 128},
-        {"type": "integer", "minimum": INT64[0], "maximum": INT64[1]},
-        {"type": "null"},
-    ]
-}
 # What each Segment-only route needs besides an object (gateway/segment.py refuses it without).
 SEGMENT_REQUIRED = {
     "page": [],
@@ -202,48 +195,45 @@ SEGMENT_REQUIRED = {
     "group": ["groupId"],
     "alias": ["previousId", "userId"],
 }
+# Segment's keys that become our event's fields, whose bounds they take.
+SEGMENT_CONTEXT = {"ip": "ip", "userAgent": "user_agent"}
+SEGMENT_PAGE = ("url", "path", "referrer")
 
 
-def _text(max_length: int) -> dict[str, Any]:
-    return {"type": ["string", "null"], "maxLength": max_length}
-
-
-def segment_body(route: str, timestamp: dict[str, Any]) -> dict[str, Any]:
-    """A Segment-only route's body, as gateway/segment.py maps and checks it: ids are strings or
-    integers, the objects hold JsonValues, `context` gives the page, IP and User-Agent; any
-    other key is kept under properties.$segment. `timestamp` is moved by the device's clock
-    skew (server time minus `sentAt`: `x-skew-of`) before its window is checked."""
-    page = {"url": _text(8192), "path": _text(8192), "referrer": _text(8192)}
+def segment_body(route: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A Segment-only route's body, as gateway/segment.py maps and checks it into `event` (our
+    TrackEvent's schema, whose bounds its fields take): ids are strings or integers, objects
+    hold JsonValues, `context` gives the page, IP and User-Agent; any other key is kept under
+    properties.$segment. `timestamp` is moved by the device's clock skew (server time minus
+    `sentAt`: `x-skew-of`) before its window is checked."""
+    fields = event["properties"]
+    text, null = fields["event_id"]["anyOf"]
+    integer = {"type": "integer", "minimum": INT64[0], "maximum": INT64[1]}
     required = SEGMENT_REQUIRED[route]
+    ids = {
+        key: {"anyOf": [text, integer] if key in required else [text, integer, null]}
+        for key in ("messageId", "anonymousId", "userId", "groupId", "previousId")
+    }
+    page = {key: fields[key] for key in SEGMENT_PAGE}
+    context = {theirs: fields[ours] for theirs, ours in SEGMENT_CONTEXT.items()}
     return {
         "type": "object",
         "description": f"Segment's `{route}` message.",
-        "properties": {
-            "messageId": SEGMENT_ID,
-            "anonymousId": SEGMENT_ID,
-            "userId": SEGMENT_ID,
-            "groupId": SEGMENT_ID,
-            "previousId": SEGMENT_ID,
-            **{key: {"$ref": JSON_VALUE_REF} for key in ("type", "event", "name", "category")},
-            "properties": FREE_OBJECT,
-            "traits": FREE_OBJECT,
-            "integrations": FREE_OBJECT,
+        "properties": ids
+        | {key: {"$ref": JSON_VALUE_REF} for key in ("type", "event", "name", "category")}
+        | dict.fromkeys(("properties", "traits", "integrations"), FREE_OBJECT)
+        | {
             "context": FREE_OBJECT
             | {
-                "properties": {
-                    "ip": _text(64),
-                    "userAgent": _text(2048),
-                    "page": FREE_OBJECT | {"properties": page},
-                    "campaign": FREE_OBJECT,
-                }
+                "properties": context
+                | {"page": FREE_OBJECT | {"properties": page}, "campaign": FREE_OBJECT}
             },
-            "timestamp": timestamp,
+            "timestamp": fields["timestamp"],
             "sentAt": {
-                "anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}],
+                "anyOf": [{"type": "string", "format": "date-time"}, null],
                 "x-skew-of": "timestamp",
             },
-        }
-        | {field: SEGMENT_ID | {"anyOf": SEGMENT_ID["anyOf"][:2]} for field in required},
+        },
         "required": required,
         "additionalProperties": {"$ref": JSON_VALUE_REF},
     }
@@ -290,8 +280,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         segment_ok = ok | {"description": "A Segment body, acknowledged by the broker."}
         body_name = f"Segment{route.title()}" if request is None else request.__name__
         if request is None:
-            timestamp = schemas["TrackEvent"]["properties"]["timestamp"]
-            schemas[body_name] = segment_body(route, timestamp)
+            schemas[body_name] = segment_body(route, schemas["TrackEvent"])
         post = {
             "operationId": route,
             "summary": summary,
