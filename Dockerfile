@@ -25,7 +25,8 @@ RUN groupadd --system --gid 10001 millimetric \
     && useradd --system --uid 10001 --gid millimetric --home-dir /var/lib/millimetric \
        --create-home --shell /usr/sbin/nologin millimetric
 COPY --from=build /opt/millimetric /opt/millimetric
-# The gateway listens on every interface in a container; data_dir is only used by `dev`.
+# The gateway listens on every interface in a container; data_dir would hold only what the
+# embedded services keep (the dev extra, not installed here).
 ENV PATH=/opt/millimetric/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

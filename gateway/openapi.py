@@ -43,6 +43,9 @@ from gateway.responses import (
     StatsAnswer,
     TrackAccepted,
 )
+from gateway.segment import FIELDS as SEGMENT_FIELDS
+from gateway.segment import REQUIRED as SEGMENT_REQUIRED
+from gateway.segment import SAFE_INTEGER
 from gateway.validate import INT64
 from ingest.errors import ERROR_CODES
 from ingest.settings import Settings
@@ -188,16 +191,12 @@ def express_rules(name: str, schema: dict[str, Any], settings: Settings) -> dict
 
 
 FREE_OBJECT = {"type": ["object", "null"], "additionalProperties": {"$ref": JSON_VALUE_REF}}
-# What each Segment-only route needs besides an object (gateway/segment.py refuses it without).
-SEGMENT_REQUIRED = {
-    "page": [],
-    "screen": [],
-    "group": ["groupId"],
-    "alias": ["previousId", "userId"],
+# Segment's context keys that become our event's fields, whose bounds they take.
+SEGMENT_CONTEXT = {
+    theirs.removeprefix("context."): ours
+    for theirs, ours, _ in SEGMENT_FIELDS
+    if theirs.startswith("context.") and ours.isidentifier()
 }
-# Segment's keys that become our event's fields, whose bounds they take.
-SEGMENT_CONTEXT = {"ip": "ip", "userAgent": "user_agent"}
-SEGMENT_PAGE = ("url", "path", "referrer")
 
 
 def segment_body(route: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -208,14 +207,19 @@ def segment_body(route: str, event: dict[str, Any]) -> dict[str, Any]:
     `sentAt`: `x-skew-of`) before its window is checked."""
     fields = event["properties"]
     text, null = fields["event_id"]["anyOf"]
-    integer = {"type": "integer", "minimum": INT64[0], "maximum": INT64[1]}
-    required = SEGMENT_REQUIRED[route]
+    # Integral floats are ids up to 2**53 - 1 (segment.py): JSON Schema calls 7.0 an integer.
+    integer = {"type": "integer", "minimum": -SAFE_INTEGER, "maximum": SAFE_INTEGER}
+    required = list(SEGMENT_REQUIRED.get(route, ()))
     ids = {
         key: {"anyOf": [text, integer] if key in required else [text, integer, null]}
         for key in ("messageId", "anonymousId", "userId", "groupId", "previousId")
     }
-    page = {key: fields[key] for key in SEGMENT_PAGE}
-    context = {theirs: fields[ours] for theirs, ours in SEGMENT_CONTEXT.items()}
+    page = {
+        key.removeprefix("page."): fields[ours]
+        for key, ours in SEGMENT_CONTEXT.items()
+        if key.startswith("page.")
+    }
+    context = {key: fields[ours] for key, ours in SEGMENT_CONTEXT.items() if "." not in key}
     return {
         "type": "object",
         "description": f"Segment's `{route}` message.",
@@ -241,13 +245,13 @@ def segment_body(route: str, event: dict[str, Any]) -> dict[str, Any]:
 
 def read_parameters(settings: Settings) -> dict[str, dict[str, Any]]:
     """Each read parameter's schema, as `read_api.Params` checks it. `from` and `to` carry their
-    bounds (`x-earliest`, `x-latest`) and `to` its distance from `from` (`x-max-range-days`):
-    JSON Schema compares no dates."""
+    bounds in UTC, both included (`x-earliest`, `x-latest`), and `to` its distance from `from`
+    (`x-max-range-days`): JSON Schema compares no dates."""
     instant = {
         "type": "string",
         "anyOf": [{"format": "date"}, {"format": "date-time"}],
-        "x-earliest": READ_EARLIEST.date().isoformat(),
-        "x-latest": READ_LATEST.date().isoformat(),
+        "x-earliest": f"{READ_EARLIEST.isoformat()}Z",
+        "x-latest": f"{READ_LATEST.isoformat()}Z",
     }
     name = {"type": "string", "maxLength": EVENT_NAME_MAX}
     return {

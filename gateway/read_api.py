@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from gateway import read_queries
 from gateway.auth import AuthError
+from gateway.models import MAX_TS_MS, MIN_TS_MS
 from gateway.query_key import authorization
 from gateway.read_store import Reader, StoreUnavailable, open_reader
 from gateway.responses import error_response, json_response
@@ -56,8 +57,9 @@ PARAMETER_HELP = {
     "cursor": "The previous page's `next_cursor`.",
 }
 TIME_ZONES = zoneinfo.available_timezones()
-# What an event's time can be (gateway/models.py: MIN_TS_MS, MAX_TS_MS), a date `to` included.
-READ_EARLIEST, READ_LATEST = datetime(1970, 1, 1), datetime(2106, 1, 1)
+# What an event's time can be, its last second's end included (a date `to` of 2105-12-31).
+READ_EARLIEST = datetime.fromtimestamp(MIN_TS_MS / 1000, UTC).replace(tzinfo=None)
+READ_LATEST = datetime.fromtimestamp(MAX_TS_MS / 1000 + 1, UTC).replace(tzinfo=None)
 
 
 class BadParameters(Exception):
@@ -132,7 +134,7 @@ class Params:
         except OverflowError:
             value = datetime.max
         if not READ_EARLIEST <= value <= READ_LATEST:
-            self.bad(field, "must be between 1970 and 2105 (what ClickHouse stores)")
+            self.bad(field, f"must be from {READ_EARLIEST:%Y-%m-%d} to {READ_LATEST:%Y-%m-%d} UTC")
             return None
         return value
 

@@ -42,6 +42,9 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("timestamp", "timestamp", "+ (receivedAt - sentAt) when the batch or message has sentAt"),
     ("every other key", f"properties.{META_KEY}", "rest of context, integrations, timestamp"),
 )
+# What a message of each type needs besides an object (/openapi.json states it too).
+REQUIRED: dict[str, tuple[str, ...]] = {"group": ("groupId",), "alias": ("previousId", "userId")}
+SAFE_INTEGER = 2**53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
 # Segment `type` -> our event name (track keeps its own `event`).
 EVENTS: dict[str, str] = {
     "page": "$pageview",
@@ -99,8 +102,9 @@ def parse_single(body: bytes) -> dict[str, Any]:
 
 
 def _id(value: Any) -> Any:
-    # Segment's SDKs accept numeric ids and send them as numbers; JSON's 7.0 is the integer 7.
-    if isinstance(value, float) and value.is_integer():
+    # Segment's SDKs accept numeric ids and send them as numbers; JSON's 7.0 is the integer 7,
+    # up to where a float is one integer only (past it, two ids would share a float: refused).
+    if isinstance(value, float) and value.is_integer() and abs(value) <= SAFE_INTEGER:
         return str(int(value))
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
@@ -177,6 +181,9 @@ def _event(
         name = EVENTS[kind]
     else:
         raise _Refused("type", f"unknown type {kind!r}; one of track, {', '.join(EVENTS)}")
+    for field in REQUIRED.get(kind, ()):
+        if not _id(message.get(field)):
+            raise _Refused(field, f"{kind} needs {' and '.join(REQUIRED[kind])}")
     anonymous_id, user_id = _id(message.get("anonymousId")), _id(message.get("userId"))
     if kind in ("page", "screen"):
         for key in ("name", "category"):
@@ -187,12 +194,8 @@ def _event(
         record_type = "identify" if anonymous_id and user_id else "track"
     elif kind == "group":
         properties = {"group_id": _id(message.get("groupId")), "traits": message.get("traits")}
-        if not properties["group_id"]:
-            raise _Refused("groupId", "group needs a groupId")
     elif kind == "alias":
         anonymous_id, record_type = _id(message.get("previousId")), "identify"
-        if not anonymous_id or not user_id:
-            raise _Refused("previousId", "alias needs a previousId and a userId")
     if meta := _meta(message, context, sent_at):
         properties[META_KEY] = meta
     ours = {

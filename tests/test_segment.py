@@ -244,5 +244,8 @@ async def test_an_integral_number_is_an_integer_id(gw: Gw) -> None:
     event_id = accepted(r, "track")["event_id"]
     record = (await raw_records(gw.bootstrap, [event_id]))[event_id]
     assert (record["user_id"], event_id) == ("283", "7")
-    refused = await gw.post("/v1/page", {"userId": 283.5}, headers=basic(gw.sk))
-    check_error(refused, "invalid_payload")
+    # Past 2**53 - 1 a float stands for several integers (2**53 + 1 arrives as 2**53): refused.
+    for value in (b"283.5", b"9007199254740993.0", b"123456789012345678901234567890"):
+        body = b'{"userId": ' + value + b"}"
+        refused = await gw.post("/v1/page", content=body, headers=basic(gw.sk))
+        check_error(refused, "invalid_payload")
