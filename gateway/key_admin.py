@@ -16,6 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway.rate_limit import Limit, load_default_limits
+from ingest import forget_status
 from ingest.kafka_connection import Security
 from ingest.records import (
     ApiKeyRecord,
@@ -91,6 +92,15 @@ async def read_key_records(bootstrap: str, *, security: Security = None) -> list
         return out
     finally:
         await consumer.stop()
+
+
+async def read_forget_status(
+    bootstrap: str, forget_id: str, *, security: Security = None
+) -> dict[str, Any]:
+    """A forget's status as GET /v1/forget/{forget_id} answers it (without "ok"), read from the
+    keys topic the gateway follows."""
+    records = await read_key_records(bootstrap, security=security)
+    return forget_status.answer(forget_id, forget_status.latest(records, forget_id))
 
 
 def current_keys(records: list[Any]) -> dict[str, ApiKeyRecord]:

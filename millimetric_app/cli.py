@@ -297,8 +297,7 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.key_admin import read_key_records
-    from ingest import forget_status
+    from gateway.key_admin import read_forget_status
     from ingest.kafka_connection import security_options
 
     forget_id = args.forget_id
@@ -306,8 +305,9 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
         sys.exit("millimetric forget: a forget id looks like fgt_ and 32 hex digits")
     bootstrap = _bootstrap(settings)
     # The keys topic, which the gateway's GET /v1/forget/{forget_id} answers from too.
-    records = asyncio.run(read_key_records(bootstrap, security=security_options(settings)))
-    status = forget_status.answer(forget_id, forget_status.latest(records, forget_id))
+    status = asyncio.run(
+        read_forget_status(bootstrap, forget_id, security=security_options(settings))
+    )
     if settings.destinations():
         status["destinations"] = _forget_destinations(settings, bootstrap, forget_id)
     print(json.dumps(status))

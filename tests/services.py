@@ -23,8 +23,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.services import ClickHouseServer, stage, wait_http_ok
-from gateway.key_admin import read_key_records
-from ingest import forget_status
+from gateway.key_admin import read_forget_status
 from ingest.records import raw_records
 from ingest.topics import topic
 from millimetric_app.embedded import EmbeddedBroker, free_port
@@ -220,8 +219,7 @@ class Pipeline:
     def forget_status(self, forget_id: str) -> dict[str, Any]:
         """A forget's status as GET /v1/forget/{forget_id} and `millimetric forget status` give
         it, read in this process from the keys topic (not a CLI process per poll)."""
-        records = asyncio.run(read_key_records(self.bootstrap))
-        return forget_status.answer(forget_id, forget_status.latest(records, forget_id))
+        return asyncio.run(read_forget_status(self.bootstrap, forget_id))
 
     def wait_for(self, query: str, expected: str, timeout: float = 90) -> str:
         """Poll a query until its output equals `expected` (or time out with the last output).
