@@ -783,3 +783,57 @@ def test_dead_letters_list_shows_the_destinations_letters(
         reason,
     )
     assert place.startswith("webhook/")
+
+
+async def test_a_forget_reaches_a_projects_own_destinations_and_stops_their_events(
+    broker: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    from sinks.destinations import project_destinations as pd
+    from sinks.destinations.project_runners import ProjectRunners
+
+    await ensure_topics(broker)
+    own, other = f"own_{uuid.uuid4().hex[:6]}", f"other_{uuid.uuid4().hex[:6]}"
+    settings = runner_settings(receiver, data_dir=tmp_path)
+    deleting = {"api_key": "phc_own", "host": receiver.url("posthog"), "project_id": "7",
+                "personal_api_key": "phx_own", "app_host": receiver.url("posthog")}  # fmt: skip
+    mine = pd.new_record(settings, own, "posthog", deleting)
+    theirs = pd.new_record(settings, other, "posthog", {**deleting, "project_id": "8"})
+    plain = pd.new_record(settings, own, "webhook", {"url": receiver.url("webhook") + "/plain"})
+    for record in (mine, theirs, plain):
+        await pd.publish(broker, record)
+    forget_id = f"fgt_{uuid.uuid4().hex}"
+    erasure = {"v": 1, "forget_id": forget_id, "project": own, "user_id": "u_gone",
+               "anonymous_ids": ["d_gone"], "cutoff": 2**62, "suppress": False,
+               "requested_at": 1}  # fmt: skip
+    erasures = ErasureFilter()
+    erasures.add(erasure)  # as the process's follower of the erasures topic does
+    stop = asyncio.Event()
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        projects = ProjectRunners(settings, broker, {}, {}, client, producer, erasures)
+        task = asyncio.ensure_future(projects.run(stop))
+        try:
+            await producer.send_and_wait(topic("erasures").name, orjson.dumps(erasure))
+            deadline = time.monotonic() + 60
+            while mine["destination_id"] not in (found := await outcomes(broker, forget_id)):
+                assert time.monotonic() < deadline, found
+            gone = enriched(project=own, user_id="u_gone", anonymous_id="d_gone")
+            kept = enriched(project=own)
+            await produce(broker, [gone, kept])
+
+            def arrived() -> set[str]:
+                return {e["event_id"] for r in receiver.of("webhook") for e in r.events()}
+
+            await wait_until(lambda: kept["event_id"] in arrived())
+        finally:
+            stop.set()
+            await task
+            await producer.stop()
+    assert set(found) == {mine["destination_id"]}  # not another project's, not a webhook
+    assert found[mine["destination_id"]]["status"] == "done"
+    [sent] = [r for r in receiver.requests if "bulk_delete" in r.path and b"u_gone" in r.body]
+    assert sent.path == "/posthog/api/projects/7/persons/bulk_delete/"
+    assert sent.headers["authorization"] == "Bearer phx_own"
+    assert gone["event_id"] not in arrived()
+    assert insert_id(gone["event_id"]) not in receiver.accepted.get("posthog", {})

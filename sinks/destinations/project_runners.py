@@ -1,6 +1,7 @@
 """The per-project destinations' runners: this follows the keys topic and starts a runner for
-each live destination record (its own consumer group, only its project's events) and stops it
-when the record is removed, without a restart.
+each live destination record (its own consumer group, only its project's events), and a forget
+forwarder when the record has deletion credentials (only its project's forgets, outcomes named by
+the destination's id), and stops them when the record is removed, without a restart.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ingest.lag import destination_group
 from ingest.records import DestinationRecord, decode
 from ingest.settings import Settings
 from ingest.topics import namespaced, topic
-from sinks.destinations.project_destinations import build, cipher
+from sinks.destinations.forgets import ForgetForwarder
+from sinks.destinations.project_destinations import build, cipher, deletion
 from sinks.destinations.runner import Runner
 from sinks.erasure_filter import ErasureFilter
 
@@ -27,9 +29,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Running:
-    runner: Runner
+    workers: list[Runner | ForgetForwarder]
     stop: asyncio.Event
-    task: asyncio.Future[None]
+    tasks: list[asyncio.Future[None]]
 
 
 class ProjectRunners:
@@ -85,7 +87,7 @@ class ProjectRunners:
         if record["removed_at"] is not None:
             return
         try:
-            destination = build(record, self.fernet)
+            destination, deletes = build(record, self.fernet), deletion(record, self.fernet)
         except (InvalidToken, KeyError, ValueError) as error:
             log.error(
                 "destination %s of %s not started: its credentials do not decrypt with this "
@@ -108,11 +110,26 @@ class ProjectRunners:
             project=record["project"],
             label=destination_id,
         )
-        await runner.start()
+        workers: list[Runner | ForgetForwarder] = [runner]
+        if deletes is not None:
+            workers.append(
+                ForgetForwarder(
+                    deletes,
+                    self.settings,
+                    self.bootstrap,
+                    self.grouped,
+                    self.client,
+                    self.producer,
+                    group_id=f"{group}-forgets",
+                    project=record["project"],
+                    label=destination_id,
+                )
+            )
+        for worker in workers:
+            await worker.start()
         halt = asyncio.Event()
-        self.running[destination_id] = _Running(
-            runner, halt, asyncio.ensure_future(runner.run(halt))
-        )
+        tasks = [asyncio.ensure_future(worker.run(halt)) for worker in workers]
+        self.running[destination_id] = _Running(workers, halt, tasks)
         log.info(
             "destination %s (%s) of %s started", destination_id, record["type"], record["project"]
         )
@@ -120,6 +137,7 @@ class ProjectRunners:
     async def _stop(self, destination_id: str) -> None:
         running = self.running.pop(destination_id)
         running.stop.set()
-        await asyncio.gather(running.task, return_exceptions=True)
-        await running.runner.stop()
+        await asyncio.gather(*running.tasks, return_exceptions=True)
+        for worker in running.workers:
+            await worker.stop()
         log.info("destination %s stopped", destination_id)
