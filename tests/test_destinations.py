@@ -837,3 +837,64 @@ async def test_a_forget_reaches_a_projects_own_destinations_and_stops_their_even
     assert sent.headers["authorization"] == "Bearer phx_own"
     assert gone["event_id"] not in arrived()
     assert insert_id(gone["event_id"]) not in receiver.accepted.get("posthog", {})
+
+
+async def test_a_projects_own_destination_has_its_own_metrics_and_lag_in_status(
+    broker: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from ingest import status
+    from ingest.lag import watch
+    from ingest.ops_port import serve
+    from millimetric_app.embedded import free_port
+    from sinks.destinations import project_destinations as pd
+    from sinks.destinations.project_runners import ProjectRunners
+
+    await ensure_topics(broker)
+    own = f"own_{uuid.uuid4().hex[:6]}"
+    settings = runner_settings(receiver, data_dir=tmp_path, lag_interval_s=0.5)
+    record = pd.new_record(settings, own, "webhook", {"url": receiver.url("webhook") + "/lag"})
+    await pd.publish(broker, record)
+    destination_id = record["destination_id"]
+    port = free_port()
+    serve("destinations", port, "127.0.0.1")
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def sent(label: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "millimetric_destination_events_sent_total", {"destination": label}
+        )
+        return value or 0.0
+
+    builtin_before = sent("webhook")
+    stop = asyncio.Event()
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    lag = asyncio.ensure_future(watch(broker, [], "destinations", settings))
+    async with httpx.AsyncClient(timeout=10) as client:
+        projects = ProjectRunners(settings, broker, {}, {}, client, producer, ErasureFilter())
+        task = asyncio.ensure_future(projects.run(stop))
+        try:
+            await produce(broker, [enriched(project=own) for _ in range(3)])
+            await wait_until(lambda: sent(destination_id) == 3)
+
+            def groups() -> dict[str, Any]:
+                return status.collect({"destinations": url})["lag"]
+
+            await wait_until(lambda: any(destination_id in g for g in groups()), timeout=30)
+            shown = await asyncio.to_thread(status.collect, {"destinations": url})
+        finally:
+            stop.set()
+            await task
+            await producer.stop()
+    try:
+        # Its runner stopped: the next round drops its gauges.
+        await wait_until(lambda: not any(destination_id in g for g in groups()), timeout=30)
+    finally:
+        lag.cancel()
+        await asyncio.gather(lag, return_exceptions=True)
+    assert sent("webhook") == builtin_before  # not counted as the settings' webhook
+    assert shown["destinations"][destination_id] == {"sent": 3, "failed": 0}
+    [group] = [g for g in shown["lag"] if destination_id in g]
+    assert group == f"millimetric-destination-webhook-{destination_id}"

@@ -93,7 +93,7 @@ class ForgetForwarder:
                 return "refused", message(response)
 
             status, detail = await answered(
-                self.name, self.client, lambda: request, read, self.settings
+                self.label, self.client, lambda: request, read, self.settings
             )
         outcome = {
             "v": 1,

@@ -15,7 +15,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from cryptography.fernet import InvalidToken
 
-from ingest.lag import destination_group
+from ingest.lag import destination_group, follow_group, unfollow_group
 from ingest.records import DestinationRecord, decode
 from ingest.settings import Settings
 from ingest.topics import namespaced, topic
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Running:
+    group: str
     workers: list[Runner | ForgetForwarder]
     stop: asyncio.Event
     tasks: list[asyncio.Future[None]]
@@ -129,13 +130,15 @@ class ProjectRunners:
             await worker.start()
         halt = asyncio.Event()
         tasks = [asyncio.ensure_future(worker.run(halt)) for worker in workers]
-        self.running[destination_id] = _Running(workers, halt, tasks)
+        self.running[destination_id] = _Running(group, workers, halt, tasks)
+        follow_group(group, "enriched")  # its lag in metrics and `status`, as the settings' ones
         log.info(
             "destination %s (%s) of %s started", destination_id, record["type"], record["project"]
         )
 
     async def _stop(self, destination_id: str) -> None:
         running = self.running.pop(destination_id)
+        unfollow_group(running.group)
         running.stop.set()
         await asyncio.gather(*running.tasks, return_exceptions=True)
         for worker in running.workers:
