@@ -898,3 +898,29 @@ async def test_a_projects_own_destination_has_its_own_metrics_and_lag_in_status(
     assert shown["destinations"][destination_id] == {"sent": 3, "failed": 0}
     [group] = [g for g in shown["lag"] if destination_id in g]
     assert group == f"millimetric-destination-webhook-{destination_id}"
+
+
+def test_dead_letters_replay_says_it_does_not_replay_the_destinations_letters(
+    broker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ingest.dead_letter_replay import replay
+
+    reason = f"refused {uuid.uuid4().hex}"
+    letter = {"stage": "destination:ds_replay", "reason": reason, "record": enriched()}
+
+    async def put() -> None:
+        await ensure_topics(broker, roles=["dead_letter_posthog"])
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic("dead_letter_posthog").name, orjson.dumps(letter))
+        finally:
+            await producer.stop()
+
+    asyncio.run(put())
+    assert replay(broker, tmp_path, reason, 0) == 1  # asked for, not done: not a success
+    out = capsys.readouterr().out
+    assert "not replayed (a destination's letter): posthog/" in out
+    assert "\tdestination:ds_replay" in out
+    assert "1 destinations' letters are not replayed" in out
+    assert out.rstrip().endswith("destinations' letters not replayed 1")
