@@ -924,3 +924,61 @@ def test_dead_letters_replay_says_it_does_not_replay_the_destinations_letters(
     assert "\tdestination:ds_replay" in out
     assert "1 destinations' letters are not replayed" in out
     assert out.rstrip().endswith("destinations' letters not replayed 1")
+
+
+async def test_a_crashing_project_destination_restarts_and_stops_no_other(
+    broker: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from sinks.destinations import project_destinations as pd
+    from sinks.destinations.project_runners import ProjectRunners
+
+    await ensure_topics(broker)
+    own = f"own_{uuid.uuid4().hex[:6]}"
+    settings = runner_settings(receiver, data_dir=tmp_path)
+    url = receiver.url("webhook")
+    # A secret that is no base64: the record is taken, every request it signs raises.
+    unsigned = pd.new_record(settings, own, "webhook", {"url": url, "secret": "whsec_abc"})
+    mangled = {**pd.new_record(settings, own, "webhook", {"url": url}), "secrets": {"auth": 5}}
+    good = pd.new_record(settings, own, "webhook", {"url": url + "/good"})
+    records = (mangled, unsigned, good)  # the mangled one first: it once stopped every later one
+    for record in records:
+        await pd.publish(broker, record)  # type: ignore[arg-type]
+
+    def restarts(record: Any) -> float:
+        operation = f"destination_{record['destination_id']}_run"
+        value = REGISTRY.get_sample_value("millimetric_retries_total", {"operation": operation})
+        return value or 0.0
+
+    stop = asyncio.Event()
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        projects = ProjectRunners(settings, broker, {}, {}, client, producer, ErasureFilter())
+        task = asyncio.ensure_future(projects.run(stop))
+        try:
+            first = enriched(project=own)
+            await produce(broker, [first])
+
+            def arrived() -> set[str]:
+                return {
+                    e["event_id"]
+                    for r in receiver.of("webhook")
+                    if r.path == "/webhook/good"
+                    for e in r.events()
+                }
+
+            await wait_until(lambda: first["event_id"] in arrived())
+            await wait_until(lambda: restarts(unsigned) >= 2 and restarts(mangled) >= 2)
+            later = enriched(project=own)
+            await produce(broker, [later])
+            await wait_until(lambda: later["event_id"] in arrived())
+            assert not task.done()
+            assert set(projects.running) >= {r["destination_id"] for r in records}
+        finally:
+            stop.set()
+            await task
+            await producer.stop()
+            for record in (mangled, unsigned):  # none later in the session starts them again
+                await pd.remove(broker, record["destination_id"])
