@@ -982,3 +982,49 @@ async def test_a_crashing_project_destination_restarts_and_stops_no_other(
             await producer.stop()
             for record in (mangled, unsigned):  # none later in the session starts them again
                 await pd.remove(broker, record["destination_id"])
+
+
+async def test_the_keys_reader_reads_to_the_topics_real_end(broker: str, tmp_path: Path) -> None:
+    from ingest.keys_topic import KeysReader
+    from sinks.destinations import project_destinations as pd
+
+    await ensure_topics(broker, roles=["keys"])
+    settings = Settings(data_dir=tmp_path)
+    records = [pd.new_record(settings, "batched", "webhook", {"url": "http://x/in"})
+               for _ in range(20)]  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=broker, linger_ms=200)
+    await producer.start()
+    try:  # one batch: the broker's ListOffsets(latest) is its base offset + 1
+        sent = [
+            await producer.send(
+                topic("keys").name,
+                orjson.dumps(r),
+                key=f"destination:{r['destination_id']}".encode(),
+            )
+            for r in records
+        ]
+        [last, *_] = [await f for f in sent[::-1]]
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic("keys").name, 0)
+        listed = (await consumer.end_offsets([tp]))[tp]
+    finally:
+        await consumer.stop()
+    assert listed < last.offset + 1  # Tansu answers short: no reader may stop there
+    found = await pd.current(broker)
+    assert {r["destination_id"] for r in records} <= set(found)
+    reader = KeysReader({"bootstrap_servers": broker})
+    fetches = reader.fetches()
+    seen: set[str] = set()
+    try:
+        while not reader.loaded.is_set():
+            seen |= {r.get("destination_id", "") for r in await anext(fetches)}
+            assert reader.position <= last.offset + 1 or reader.caught_up
+    finally:
+        await fetches.aclose()
+        await reader.stop()
+    assert reader.position >= last.offset + 1
+    assert {r["destination_id"] for r in records} <= seen

@@ -17,10 +17,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from cryptography.fernet import Fernet
 
-from ingest.records import DestinationRecord, decode, encode
+from ingest.keys_topic import read_all
+from ingest.records import DestinationRecord, encode
 from ingest.secret_file import read_or_create
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
@@ -159,25 +160,12 @@ async def publish(bootstrap: str, record: DestinationRecord, *, security: Securi
 async def current(bootstrap: str, *, security: Security = None) -> dict[str, DestinationRecord]:
     """The latest record of every destination on the keys topic, removed ones included."""
     await ensure_topics(bootstrap, roles=["keys"], security=security)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, **(security or {}), enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic("keys").name, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        out: dict[str, DestinationRecord] = {}
-        while await consumer.position(tp) < end:
-            for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                for m in messages:
-                    record = decode(m.value)
-                    if isinstance(record, dict) and record.get("record") == "destination":
-                        out[record["destination_id"]] = record  # type: ignore[assignment]
-        return out
-    finally:
-        await consumer.stop()
+    records = await read_all({"bootstrap_servers": bootstrap, **(security or {})})
+    return {
+        r["destination_id"]: r  # type: ignore[misc]
+        for r in records
+        if r.get("record") == "destination"
+    }
 
 
 async def remove(bootstrap: str, destination_id: str, *, security: Security = None) -> None:

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from cryptography.fernet import InvalidToken
 
+from ingest.keys_topic import KeysReader
 from ingest.lag import destination_group, follow_group, unfollow_group
-from ingest.records import DestinationRecord, decode
+from ingest.records import DestinationRecord
 from ingest.retry import retrying
 from ingest.settings import Settings
-from ingest.topics import namespaced, topic
+from ingest.topics import namespaced
 from sinks.destinations.forgets import ForgetForwarder
 from sinks.destinations.project_destinations import build, cipher, deletion
 from sinks.destinations.runner import Runner
@@ -65,27 +66,30 @@ class ProjectRunners:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the keys topic until `stop`; then stop every runner (each flushes first)."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, **self.security, enable_auto_commit=False
-        )
-        await consumer.start()
-        tp = TopicPartition(topic("keys").name, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
+        reader = KeysReader({"bootstrap_servers": self.bootstrap, **self.security})
+        fetches = reader.fetches()
+        stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                fetched = asyncio.ensure_future(anext(fetches))
+                await asyncio.wait({fetched, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetched.done():  # stopped while connecting or waiting out an outage
+                    fetched.cancel()
+                    await asyncio.gather(fetched, return_exceptions=True)
+                    break
                 # Only a fetch's last record of each destination: at start, one added and
                 # removed long ago is never started.
-                latest: dict[str, DestinationRecord] = {}
-                for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    for m in messages:
-                        record = decode(m.value)
-                        if isinstance(record, dict) and record.get("record") == "destination":
-                            latest[record["destination_id"]] = record  # type: ignore[assignment]
+                latest: dict[str, DestinationRecord] = {
+                    r["destination_id"]: r  # type: ignore[misc]
+                    for r in fetched.result()
+                    if r.get("record") == "destination"
+                }
                 for record in latest.values():
                     await self.apply(record)
         finally:
-            await consumer.stop()
+            stopping.cancel()
+            await fetches.aclose()
+            await reader.stop()
             for destination_id in list(self.running):
                 await self._stop(destination_id)
 
