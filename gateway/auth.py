@@ -17,18 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from gateway.rate_limit import Limit
+from ingest.keys_topic import KeysReader
 from ingest.records import (
     ApiKeyRecord,
     ForgetStatusRecord,
     ProjectLimitRecord,
-    decode,
     hash_api_key,
 )
-from ingest.retry import retrying
-from ingest.topics import topic
 
 log = logging.getLogger(__name__)
 
@@ -79,68 +75,38 @@ class KeyStore:
         self._handlers = handlers or {}  # other record kinds on the topic (e.g. "hook")
         # Heard nothing from the broker for this long: a key not found may just be unseen.
         self.stale_after_s = stale_after_s
-        self._tp = TopicPartition(topic("keys").name, 0)
-        self._position = 0
+        self._reader = KeysReader(kafka)
         self._keys: dict[str, ApiKeyRecord] = {}
         self._limits: dict[tuple[str, str], Limit] = {}
         self._forgets: dict[str, ForgetStatusRecord] = {}
         self._origins: frozenset[str] = frozenset()
-        self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
-        self.loaded = asyncio.Event()
+        self.loaded = self._reader.loaded
 
     async def start(self) -> None:
         """Begin reading the keys topic from its start in the background; `loaded` is set once
         caught up (until then requests are answered `keys_loading`, never refused)."""
-        self._task = asyncio.create_task(self._follow(self._tp))
+        self._task = asyncio.create_task(self._follow())
 
-    async def _connect(self, tp: TopicPartition) -> int:
-        """A consumer at the start of the keys partition; returns the partition's end offset."""
-        consumer = AIOKafkaConsumer(**self._kafka, enable_auto_commit=False, fetch_max_wait_ms=100)
-        try:
-            await consumer.start()
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            # Keys are published one record per batch, so the broker's end offset is exact here.
-            end = (await consumer.end_offsets([tp]))[tp]
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
-        return end
-
-    async def _follow(self, tp: TopicPartition) -> None:
-        end = await retrying("keys topic connect", lambda: self._connect(tp), max_delay_s=5)
-        consumer = self._consumer
-        assert consumer is not None
-        if end == 0:
-            self.loaded.set()
-        while True:
-            # A broker outage must not kill the follower: back off and fetch again.
-            batches = await retrying(
-                "keys topic fetch", lambda: consumer.getmany(timeout_ms=1000), max_delay_s=5
-            )
-            for messages in batches.values():
-                for message in messages:
-                    try:
-                        self.apply(decode(message.value))
-                    except (ValueError, KeyError, TypeError):  # one bad record stops nothing
-                        log.warning("skipping undecodable keys record at %s", message.offset)
-            self._position = await consumer.position(tp)
-            if not self.loaded.is_set() and self._position >= end:
-                self.loaded.set()
+    async def _follow(self) -> None:
+        async for records in self._reader.fetches():
+            for record in records:
+                try:
+                    self.apply(record)
+                except (ValueError, KeyError, TypeError):  # one bad record stops nothing
+                    log.warning("skipping an invalid keys record (%s)", record.get("record"))
 
     def lagging(self) -> bool:
         """Whether keys may exist that this store has not read: the broker has records past
         its position, or has not answered a fetch for `stale_after_s`."""
-        consumer = self._consumer
+        consumer = self._reader.consumer
         if consumer is None or not self.loaded.is_set():
             return True
-        polled = consumer.last_poll_timestamp(self._tp)
+        polled = consumer.last_poll_timestamp(self._reader.tp)
         if polled is None or time.time() * 1000 - polled > self.stale_after_s * 1000:
             return True
-        highwater = consumer.highwater(self._tp)
-        return highwater is not None and self._position < highwater
+        highwater = consumer.highwater(self._reader.tp)
+        return highwater is not None and self._reader.position < highwater
 
     def apply(self, record: dict[str, Any]) -> None:
         """Apply one record from the keys topic (a key, a revocation, a project limit or a
@@ -218,5 +184,4 @@ class KeyStore:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self._reader.stop()

@@ -13,16 +13,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from gateway.rate_limit import Limit, load_default_limits
 from ingest import forget_status
 from ingest.kafka_connection import Security
+from ingest.keys_topic import read_all
 from ingest.records import (
     ApiKeyRecord,
     HookRecord,
     ProjectLimitRecord,
-    decode,
     encode,
     hash_api_key,
 )
@@ -76,22 +76,7 @@ async def publish_key_records(
 async def read_key_records(bootstrap: str, *, security: Security = None) -> list[Any]:
     """Every record on the keys topic, oldest first."""
     await ensure_topics(bootstrap, roles=["keys"], security=security)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, **(security or {}), enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic("keys").name, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        out: list[Any] = []
-        while await consumer.position(tp) < end:
-            for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                out.extend(decode(m.value) for m in messages)
-        return out
-    finally:
-        await consumer.stop()
+    return await read_all({"bootstrap_servers": bootstrap, **(security or {})})
 
 
 async def read_forget_status(

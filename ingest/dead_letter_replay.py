@@ -4,7 +4,9 @@ A processor's letter holds the raw record (IP redacted; enrichment takes the der
 and `country` back as they are): replay puts it on the raw topic (a forget request that failed:
 on the forgets topic). A sink's letter holds the
 enriched row ClickHouse refused: replay puts it on the enriched topic. A letter without a record
-(undecodable) cannot be replayed; its raw-topic coordinates are listed instead.
+(undecodable) cannot be replayed; its raw-topic coordinates are listed instead. A destination's
+letter (an event its provider refused, on the destination's own topic) is listed, and replay
+names it and sends it nowhere.
 
 Each letter is replayed at most once: the letters sent back are kept in a ledger
 (`DATA_DIR/dead-letters-replayed.json`, by dead-letter partition and offset), written after the
@@ -229,13 +231,30 @@ async def _send_back(bootstrap: str, letters: list[Letter]) -> None:
 
 def replay(bootstrap: str, data_dir: Path, reason: str | None, wait_s: float) -> int:
     """Send the matching letters not replayed before back to their stage; watch `wait_s` seconds
-    for those failing again. Exit status 0, or 1 when some failed again or cannot be replayed."""
+    for those failing again. Destinations' letters are named and not sent. Exit status 0, or 1
+    when some failed again or cannot be replayed (a destination's letter among them)."""
     ledger = _ledger(data_dir)
     letters = [
         letter
         for letter in asyncio.run(_read(bootstrap, None, 0))
         if _matches(letter, reason, 0) and letter.ledger_key not in ledger
     ]
+    # A destination's letter is an event its provider refused: no stage takes it back.
+    refused = [
+        letter
+        for name in DESTINATIONS
+        for letter in asyncio.run(_read(bootstrap, None, 0, f"dead_letter_{name}"))
+        if _matches(letter, reason, 0)
+    ]
+    for letter in refused:
+        print(f"not replayed (a destination's letter): {letter.place}\t{letter.stage}")
+    if refused:
+        print(
+            f"{len(refused)} destinations' letters are not replayed: replay sends letters back "
+            "to the pipeline's stages, and these are events a provider refused. Fix the cause, "
+            "then `millimetric replay` their window: destinations forward what it puts on the "
+            "enriched topic (the provider drops the events it has by insert id)."
+        )
     sendable = [letter for letter in letters if letter.target is not None]
     unsendable = [letter for letter in letters if letter.target is None]
     start = asyncio.run(_end(bootstrap))
@@ -253,6 +272,6 @@ def replay(bootstrap: str, data_dir: Path, reason: str | None, wait_s: float) ->
         print(f"failed again: {letter.event_id}\t{letter.stage}\t{letter.reason}")
     print(
         f"replayed {len(sendable)}, failed again {len(again)}, not replayable {len(unsendable)}, "
-        f"skipped {len(ledger)} replayed before"
+        f"skipped {len(ledger)} replayed before, destinations' letters not replayed {len(refused)}"
     )
-    return 1 if again or unsendable else 0
+    return 1 if again or unsendable or refused else 0

@@ -125,40 +125,82 @@ class LagMonitor:
         return lags
 
 
+# Groups made while a stage runs (a per-project destination's): group -> the topic role it
+# consumes. Written by the stage's loop, read by the watch's thread.
+_followed: dict[str, str] = {}
+_followed_lock = threading.Lock()
+
+
+def follow_group(group: str, topic_key: str) -> None:
+    """Measure `group` (a full group name) on `topic_key` too, from the watch's next round."""
+    with _followed_lock:
+        _followed[group] = topic_key
+
+
+def unfollow_group(group: str) -> None:
+    """Stop measuring `group`; its gauges go (a removed destination lags no more)."""
+    with _followed_lock:
+        _followed.pop(group, None)
+
+
+async def _started(bootstrap: str, group: str, topic_key: str) -> LagMonitor | None:
+    # A new monitor each try: aiokafka's clients cannot be started twice.
+    monitor = LagMonitor(bootstrap, group, topic(topic_key).name)
+    try:
+        await monitor.start()
+    except Exception as error:
+        log.warning("lag monitor for %s cannot start yet (%r)", group, error)
+        with contextlib.suppress(Exception):
+            await monitor.stop()
+        return None
+    return monitor
+
+
+def _forget_gauges(monitor: LagMonitor) -> None:
+    for tp in monitor._partitions:
+        for gauge in (LAG_RECORDS, LAG_SECONDS):
+            with contextlib.suppress(KeyError):
+                gauge.remove(monitor.group, monitor.topic, str(tp.partition))
+
+
 async def watch(bootstrap: str, groups: Sequence[str], stage: str, settings: Settings) -> None:
-    """Measure the lag of `groups` (keys of CONSUMER_GROUPS) every MILLIMETRIC_LAG_INTERVAL_S
-    until cancelled; the stage's own group's lag decides its readiness when
-    MILLIMETRIC_READY_MAX_LAG_S is set. A failed measurement is logged and tried again (the
-    gauges keep their last values meanwhile)."""
-    monitors: list[LagMonitor] = []
+    """Measure the lag of `groups` (keys of CONSUMER_GROUPS), and of those `follow_group` names
+    meanwhile, every MILLIMETRIC_LAG_INTERVAL_S until cancelled; the stage's own group's lag
+    decides its readiness when MILLIMETRIC_READY_MAX_LAG_S is set. A failed measurement is
+    logged and tried again (the gauges keep their last values meanwhile)."""
+    monitors: dict[str, LagMonitor] = {}
+    own = {namespaced(CONSUMER_GROUPS[name][0]): name for name in groups}
     for name in groups:
         group, topic_key = CONSUMER_GROUPS[name]
-        while True:
-            # A new monitor each try: aiokafka's clients cannot be started twice.
-            monitor = LagMonitor(bootstrap, namespaced(group), topic(topic_key).name)
-            try:
-                await monitor.start()
-                break
-            except Exception as error:
-                log.warning("lag monitor for %s cannot start yet (%r)", group, error)
-                with contextlib.suppress(Exception):
-                    await monitor.stop()
-                await asyncio.sleep(settings.lag_interval_s)
-        monitors.append(monitor)
+        while (monitor := await _started(bootstrap, namespaced(group), topic_key)) is None:
+            await asyncio.sleep(settings.lag_interval_s)
+        monitors[monitor.group] = monitor
     try:
         while True:
-            for name, monitor in zip(groups, monitors, strict=True):
+            with _followed_lock:
+                followed = dict(_followed)
+            for group in [g for g in monitors if g not in own and g not in followed]:
+                monitor = monitors.pop(group)
+                _forget_gauges(monitor)
+                with contextlib.suppress(Exception):
+                    await monitor.stop()
+            for group, topic_key in followed.items():
+                if group not in monitors and (
+                    monitor := await _started(bootstrap, group, topic_key)
+                ):
+                    monitors[group] = monitor
+            for monitor in monitors.values():
                 try:
                     lags = await monitor.measure()
                 except Exception as error:
                     log.warning("measuring the lag of %s failed (%r)", monitor.group, error)
                     continue
-                if name == stage and settings.ready_max_lag_s is not None:
+                if own.get(monitor.group) == stage and settings.ready_max_lag_s is not None:
                     oldest = max((lag.seconds for lag in lags.values()), default=0.0)
                     set_lagging(stage, oldest > settings.ready_max_lag_s)
             await asyncio.sleep(settings.lag_interval_s)
     finally:
-        for monitor in monitors:
+        for monitor in monitors.values():
             await monitor.stop()
 
 

@@ -2,8 +2,9 @@
 
 Code records through the objects below; the README's metrics table is rendered from `METRICS`,
 and tests check that every metric the dashboard and the alert rules name is in it. Labels are
-bounded (operation, stage, reason, route, code, status, table, group, topic, partition): never a
-key, a project id or a raw URL. Each stage serves them on its own port (`ingest.ops_port`).
+bounded (operation, stage, reason, route, code, status, table, group, topic, partition, and a
+destination's name or a per-project destination's id, as many as `destinations add` made): never
+a key, a project id or a raw URL. Each stage serves them on its own port (`ingest.ops_port`).
 """
 
 from __future__ import annotations
@@ -145,19 +146,20 @@ WEBHOOK_DELIVERIES = Counter(
 DESTINATION_SENT = Counter(
     "millimetric_destination_events_sent",
     "Events a destination's provider accepted, by destination (posthog, mixpanel, amplitude, "
-    "webhook).",
+    "webhook; a per-project destination's id, `ds_...`).",
     ["destination"],
 )
 DESTINATION_FAILED = Counter(
     "millimetric_destination_events_failed",
-    "Events a destination did not deliver, by destination and reason (`rejected`: the "
-    "provider refused it, it is on the destination's dead-letter topic; `undecodable`).",
+    "Events a destination did not deliver, by destination (its name, or a per-project one's "
+    "id) and reason (`rejected`: the provider refused it, it is on the destination's "
+    "dead-letter topic; `undecodable`).",
     ["destination", "reason"],
 )
 DESTINATION_SKIPPED = Counter(
     "millimetric_destination_events_skipped",
-    "Events a destination does not forward on purpose, by destination and reason (`bot`, "
-    "`test`, `forgotten`).",
+    "Events a destination does not forward on purpose, by destination (its name, or a "
+    "per-project one's id) and reason (`bot`, `test`, `forgotten`).",
     ["destination", "reason"],
 )
 

@@ -101,6 +101,11 @@ DESTINATION_OPTIONS = {
     "url": "webhook: where batches are POSTed",
     "auth": "webhook: the Authorization header (secret)",
     "secret": "webhook: a whsec_ signing secret (secret)",
+    "personal_api_key": "posthog: a personal API key (person:write), to forward forgets (secret)",
+    "project_id": "posthog: the project's id, to forward forgets",
+    "gdpr_token": "mixpanel: an OAuth token for the GDPR API, to forward forgets (secret)",
+    "secret_key": "amplitude: the secret key, to forward forgets (secret)",
+    "app_host": "posthog, mixpanel, amplitude: the deletion API's host",
 }
 
 
@@ -308,14 +313,18 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     status = asyncio.run(
         read_forget_status(bootstrap, forget_id, security=security_options(settings))
     )
-    if settings.destinations():
-        status["destinations"] = _forget_destinations(settings, bootstrap, forget_id)
+    # Per-project destinations (`destinations add`) record outcomes without any setting on.
+    if (
+        outcomes := _forget_destinations(settings, bootstrap, forget_id)
+    ) or settings.destinations():
+        status["destinations"] = outcomes
     print(json.dumps(status))
     return 0
 
 
 def _forget_destinations(settings: Settings, bootstrap: str, forget_id: str) -> dict[str, Any]:
-    """Each destination's outcome of a forget (PostHog, Mixpanel, Amplitude deletion)."""
+    """Each destination's outcome of a forget (PostHog, Mixpanel, Amplitude deletion), the
+    per-project ones named by their id."""
     from ingest.kafka_connection import security_options
     from sinks.destinations.forgets import outcomes
 

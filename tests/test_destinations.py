@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -672,10 +673,38 @@ def millimetric(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
+@contextlib.asynccontextmanager
+async def running_projects(
+    settings: Settings, bootstrap: str, erasures: ErasureFilter
+) -> AsyncIterator[Any]:
+    """The per-project destinations' runners following the keys topic, as the process runs
+    them; stopped (each flushing) on leaving."""
+    from sinks.destinations.project_runners import ProjectRunners
+
+    stop = asyncio.Event()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        projects = ProjectRunners(settings, bootstrap, {}, {}, client, producer, erasures)
+        task = asyncio.ensure_future(projects.run(stop))
+        try:
+            yield projects
+        finally:
+            stop.set()
+            await task
+            await producer.stop()
+
+
+def webhook_events(receiver: Receiver, path: str | None = None) -> set[str]:
+    """The event ids the receiver's webhook got (at `path` only, when given)."""
+    return {
+        e["event_id"] for r in receiver.of("webhook") if path in (None, r.path) for e in r.events()
+    }
+
+
 async def test_a_projects_own_destination_gets_its_events_only_until_it_is_removed(
     broker: str, receiver: Receiver, tmp_path: Path
 ) -> None:
-    from sinks.destinations.project_runners import ProjectRunners
 
     await ensure_topics(broker)
     own, other = f"own_{uuid.uuid4().hex[:6]}", f"other_{uuid.uuid4().hex[:6]}"
@@ -695,36 +724,21 @@ async def test_a_projects_own_destination_gets_its_events_only_until_it_is_remov
     assert stored and all(auth.encode() not in value for value in stored)
 
     settings = runner_settings(receiver, data_dir=tmp_path)
-    stop = asyncio.Event()
-    producer = AIOKafkaProducer(bootstrap_servers=broker)
-    await producer.start()
-    async with httpx.AsyncClient(timeout=10) as client:
-        projects = ProjectRunners(settings, broker, {}, {}, client, producer, ErasureFilter())
-        task = asyncio.ensure_future(projects.run(stop))
-        try:
-            mine, theirs = enriched(project=own), enriched(project=other)
-            await produce(broker, [mine, theirs])
+    async with running_projects(settings, broker, ErasureFilter()) as projects:
+        mine, theirs = enriched(project=own), enriched(project=other)
+        await produce(broker, [mine, theirs])
 
-            def arrived() -> set[str]:
-                return {
-                    e["event_id"]
-                    for r in receiver.of("webhook")
-                    if r.path == "/webhook/own"
-                    for e in r.events()
-                }
+        def arrived() -> set[str]:
+            return webhook_events(receiver, "/webhook/own")
 
-            await wait_until(lambda: mine["event_id"] in arrived())
-            assert receiver.of("webhook")[0].headers["authorization"] == auth
-            await asyncio.to_thread(millimetric, env, "destinations", "remove", destination_id)
-            await wait_until(lambda: not projects.running)
-            later = enriched(project=own)
-            await produce(broker, [later])
-            await asyncio.sleep(2)  # ten times the batch age: it would have been sent
-            assert arrived() & {theirs["event_id"], later["event_id"]} == set()
-        finally:
-            stop.set()
-            await task
-            await producer.stop()
+        await wait_until(lambda: mine["event_id"] in arrived())
+        assert receiver.of("webhook")[0].headers["authorization"] == auth
+        await asyncio.to_thread(millimetric, env, "destinations", "remove", destination_id)
+        await wait_until(lambda: not projects.running)
+        later = enriched(project=own)
+        await produce(broker, [later])
+        await asyncio.sleep(2)  # ten times the batch age: it would have been sent
+        assert arrived() & {theirs["event_id"], later["event_id"]} == set()
 
 
 async def raw_keys_records(bootstrap: str, key: bytes) -> list[bytes]:
@@ -755,6 +769,18 @@ def test_gateways_ignore_destination_records_on_the_keys_topic(tmp_path: Path) -
     KeyStore({}).apply(dict(record))  # raised KeyError('revoked_at') before gateways knew them
 
 
+async def put_letter(bootstrap: str, destination: str, letter: dict[str, Any]) -> None:
+    """Put a letter on a destination's dead-letter topic, as its runner does."""
+    role = f"dead_letter_{destination}"
+    await ensure_topics(bootstrap, roles=[role])
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic(role).name, orjson.dumps(letter))
+    finally:
+        await producer.stop()
+
+
 def test_dead_letters_list_shows_the_destinations_letters(
     broker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -762,17 +788,7 @@ def test_dead_letters_list_shows_the_destinations_letters(
 
     event, reason = enriched(), f"refused {uuid.uuid4().hex}"
     letter = {"stage": "destination:ds_abc", "reason": reason, "record": event}
-
-    async def put() -> None:
-        await ensure_topics(broker, roles=["dead_letter_webhook"])
-        producer = AIOKafkaProducer(bootstrap_servers=broker)
-        await producer.start()
-        try:
-            await producer.send_and_wait(topic("dead_letter_webhook").name, orjson.dumps(letter))
-        finally:
-            await producer.stop()
-
-    asyncio.run(put())
+    asyncio.run(put_letter(broker, "webhook", letter))
     assert list_letters(broker, reason, None, tmp_path) == 0
     [row] = capsys.readouterr().out.splitlines()[1:]
     stage, place, event_id, replayed, text = row.split("\t")[1:]
@@ -783,3 +799,206 @@ def test_dead_letters_list_shows_the_destinations_letters(
         reason,
     )
     assert place.startswith("webhook/")
+
+
+async def test_a_forget_reaches_a_projects_own_destinations_and_stops_their_events(
+    broker: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    from sinks.destinations import project_destinations as pd
+
+    await ensure_topics(broker)
+    own, other = f"own_{uuid.uuid4().hex[:6]}", f"other_{uuid.uuid4().hex[:6]}"
+    settings = runner_settings(receiver, data_dir=tmp_path)
+    deleting = {"api_key": "phc_own", "host": receiver.url("posthog"), "project_id": "7",
+                "personal_api_key": "phx_own", "app_host": receiver.url("posthog")}  # fmt: skip
+    mine = pd.new_record(settings, own, "posthog", deleting)
+    theirs = pd.new_record(settings, other, "posthog", {**deleting, "project_id": "8"})
+    plain = pd.new_record(settings, own, "webhook", {"url": receiver.url("webhook") + "/plain"})
+    for record in (mine, theirs, plain):
+        await pd.publish(broker, record)
+    forget_id = f"fgt_{uuid.uuid4().hex}"
+    erasure = {"v": 1, "forget_id": forget_id, "project": own, "user_id": "u_gone",
+               "anonymous_ids": ["d_gone"], "cutoff": 2**62, "suppress": False,
+               "requested_at": 1}  # fmt: skip
+    erasures = ErasureFilter()
+    erasures.add(erasure)  # as the process's follower of the erasures topic does
+    async with running_projects(settings, broker, erasures):
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic("erasures").name, orjson.dumps(erasure))
+        finally:
+            await producer.stop()
+        deadline = time.monotonic() + 60
+        while mine["destination_id"] not in (found := await outcomes(broker, forget_id)):
+            assert time.monotonic() < deadline, found
+        gone = enriched(project=own, user_id="u_gone", anonymous_id="d_gone")
+        kept = enriched(project=own)
+        await produce(broker, [gone, kept])
+
+        def arrived() -> set[str]:
+            return webhook_events(receiver)
+
+        await wait_until(lambda: kept["event_id"] in arrived())
+    assert set(found) == {mine["destination_id"]}  # not another project's, not a webhook
+    assert found[mine["destination_id"]]["status"] == "done"
+    [sent] = [r for r in receiver.requests if "bulk_delete" in r.path and b"u_gone" in r.body]
+    assert sent.path == "/posthog/api/projects/7/persons/bulk_delete/"
+    assert sent.headers["authorization"] == "Bearer phx_own"
+    assert gone["event_id"] not in arrived()
+    assert insert_id(gone["event_id"]) not in receiver.accepted.get("posthog", {})
+
+
+async def test_a_projects_own_destination_has_its_own_metrics_and_lag_in_status(
+    broker: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from ingest import status
+    from ingest.lag import watch
+    from ingest.ops_port import serve
+    from millimetric_app.embedded import free_port
+    from sinks.destinations import project_destinations as pd
+
+    await ensure_topics(broker)
+    own = f"own_{uuid.uuid4().hex[:6]}"
+    settings = runner_settings(receiver, data_dir=tmp_path, lag_interval_s=0.5)
+    record = pd.new_record(settings, own, "webhook", {"url": receiver.url("webhook") + "/lag"})
+    await pd.publish(broker, record)
+    destination_id = record["destination_id"]
+    port = free_port()
+    serve("destinations", port, "127.0.0.1")
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def sent(label: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "millimetric_destination_events_sent_total", {"destination": label}
+        )
+        return value or 0.0
+
+    builtin_before = sent("webhook")
+    lag = asyncio.ensure_future(watch(broker, [], "destinations", settings))
+    async with running_projects(settings, broker, ErasureFilter()):
+        await produce(broker, [enriched(project=own) for _ in range(3)])
+        await wait_until(lambda: sent(destination_id) == 3)
+
+        def groups() -> dict[str, Any]:
+            return status.collect({"destinations": url})["lag"]
+
+        await wait_until(lambda: any(destination_id in g for g in groups()), timeout=30)
+        shown = await asyncio.to_thread(status.collect, {"destinations": url})
+    try:
+        # Its runner stopped: the next round drops its gauges.
+        await wait_until(lambda: not any(destination_id in g for g in groups()), timeout=30)
+    finally:
+        lag.cancel()
+        await asyncio.gather(lag, return_exceptions=True)
+    assert sent("webhook") == builtin_before  # not counted as the settings' webhook
+    assert shown["destinations"][destination_id] == {"sent": 3, "failed": 0}
+    [group] = [g for g in shown["lag"] if destination_id in g]
+    assert group == f"millimetric-destination-webhook-{destination_id}"
+
+
+def test_dead_letters_replay_says_it_does_not_replay_the_destinations_letters(
+    broker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ingest.dead_letter_replay import replay
+
+    reason = f"refused {uuid.uuid4().hex}"
+    letter = {"stage": "destination:ds_replay", "reason": reason, "record": enriched()}
+    asyncio.run(put_letter(broker, "posthog", letter))
+    assert replay(broker, tmp_path, reason, 0) == 1  # asked for, not done: not a success
+    out = capsys.readouterr().out
+    assert "not replayed (a destination's letter): posthog/" in out
+    assert "\tdestination:ds_replay" in out
+    assert "1 destinations' letters are not replayed" in out
+    assert out.rstrip().endswith("destinations' letters not replayed 1")
+
+
+async def test_a_crashing_project_destination_restarts_and_stops_no_other(
+    broker: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from sinks.destinations import project_destinations as pd
+
+    await ensure_topics(broker)
+    own = f"own_{uuid.uuid4().hex[:6]}"
+    settings = runner_settings(receiver, data_dir=tmp_path)
+    url = receiver.url("webhook")
+    # A secret that is no base64: the record is taken, every request it signs raises.
+    unsigned = pd.new_record(settings, own, "webhook", {"url": url, "secret": "whsec_abc"})
+    mangled = {**pd.new_record(settings, own, "webhook", {"url": url}), "secrets": {"auth": 5}}
+    good = pd.new_record(settings, own, "webhook", {"url": url + "/good"})
+    records = (mangled, unsigned, good)  # the mangled one first: it once stopped every later one
+    for record in records:
+        await pd.publish(broker, record)  # type: ignore[arg-type]
+
+    def restarts(record: Any) -> float:
+        operation = f"destination_{record['destination_id']}_run"
+        value = REGISTRY.get_sample_value("millimetric_retries_total", {"operation": operation})
+        return value or 0.0
+
+    try:
+        async with running_projects(settings, broker, ErasureFilter()) as projects:
+            first = enriched(project=own)
+            await produce(broker, [first])
+
+            def arrived() -> set[str]:
+                return webhook_events(receiver, "/webhook/good")
+
+            await wait_until(lambda: first["event_id"] in arrived())
+            await wait_until(lambda: restarts(unsigned) >= 2 and restarts(mangled) >= 2)
+            later = enriched(project=own)
+            await produce(broker, [later])
+            await wait_until(lambda: later["event_id"] in arrived())
+            assert set(projects.running) >= {r["destination_id"] for r in records}
+    finally:
+        for record in (mangled, unsigned):  # none later in the session starts them again
+            await pd.remove(broker, record["destination_id"])
+
+
+async def test_the_keys_reader_reads_to_the_topics_real_end(broker: str, tmp_path: Path) -> None:
+    from ingest.keys_topic import KeysReader
+    from sinks.destinations import project_destinations as pd
+
+    await ensure_topics(broker, roles=["keys"])
+    settings = Settings(data_dir=tmp_path)
+    records = [pd.new_record(settings, "batched", "webhook", {"url": "http://x/in"})
+               for _ in range(20)]  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=broker, linger_ms=200)
+    await producer.start()
+    try:  # one batch: the broker's ListOffsets(latest) is its base offset + 1
+        sent = [
+            await producer.send(
+                topic("keys").name,
+                orjson.dumps(r),
+                key=f"destination:{r['destination_id']}".encode(),
+            )
+            for r in records
+        ]
+        [last, *_] = [await f for f in sent[::-1]]
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic("keys").name, 0)
+        listed = (await consumer.end_offsets([tp]))[tp]
+    finally:
+        await consumer.stop()
+    assert listed < last.offset + 1  # Tansu answers short: no reader may stop there
+    found = await pd.current(broker)
+    assert {r["destination_id"] for r in records} <= set(found)
+    reader = KeysReader({"bootstrap_servers": broker})
+    fetches = reader.fetches()
+    seen: set[str] = set()
+    try:
+        while not reader.loaded.is_set():
+            seen |= {r.get("destination_id", "") for r in await anext(fetches)}
+            assert reader.position <= last.offset + 1 or reader.caught_up
+    finally:
+        await fetches.aclose()
+        await reader.stop()
+    assert reader.position >= last.offset + 1
+    assert {r["destination_id"] for r in records} <= seen

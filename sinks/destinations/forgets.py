@@ -41,9 +41,13 @@ class ForgetForwarder:
         client: httpx.AsyncClient,
         producer: AIOKafkaProducer,
         group_id: str | None = None,
+        project: str | None = None,
+        label: str | None = None,
     ) -> None:
         self.deletion = deletion
         self.name = deletion.name
+        self.project = project  # a per-project destination forwards only its project's forgets
+        self.label = label or self.name  # names its outcomes: its id when per-project
         self.settings = settings
         self.client = client
         self.producer = producer
@@ -71,7 +75,9 @@ class ForgetForwarder:
             fetched = await self.consumer.getmany(timeout_ms=500, max_records=50)
             for tp, messages in fetched.items():
                 for m in messages:
-                    await self.forward(decode(m.value))
+                    erasure = decode(m.value)
+                    if self.project in (None, erasure["project"]):
+                        await self.forward(erasure)
                     await self.consumer.commit({tp: m.offset + 1})
 
     async def forward(self, erasure: Erasure) -> dict[str, Any]:
@@ -87,25 +93,25 @@ class ForgetForwarder:
                 return "refused", message(response)
 
             status, detail = await answered(
-                self.name, self.client, lambda: request, read, self.settings
+                self.label, self.client, lambda: request, read, self.settings
             )
         outcome = {
             "v": 1,
             "forget_id": erasure["forget_id"],
             "project": erasure["project"],
-            "destination": self.name,
+            "destination": self.label,
             "status": status,
             "detail": detail,
             "at": int(time.time() * 1000),
         }
-        key = f"{erasure['forget_id']}:{self.name}".encode()
+        key = f"{erasure['forget_id']}:{self.label}".encode()
 
         async def send() -> None:
             await self.producer.send_and_wait(self.outcomes.name, key=key, value=encode(outcome))
 
         await retrying("destination_forget_outcome", send, max_delay_s=30.0)
         if status == "refused":
-            log.warning("%s refused forget %s: %s", self.name, erasure["forget_id"], detail)
+            log.warning("%s refused forget %s: %s", self.label, erasure["forget_id"], detail)
         return outcome
 
 

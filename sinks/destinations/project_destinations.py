@@ -17,17 +17,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from cryptography.fernet import Fernet
 
-from ingest.records import DestinationRecord, decode, encode
+from ingest.keys_topic import read_all
+from ingest.records import DestinationRecord, encode
 from ingest.secret_file import read_or_create
 from ingest.settings import Settings
 from ingest.topics import ensure_topics, topic
-from sinks.destinations.amplitude import Amplitude
-from sinks.destinations.contract import Destination
-from sinks.destinations.mixpanel import Mixpanel
-from sinks.destinations.posthog import PostHog
+from sinks.destinations.amplitude import Amplitude, AmplitudeDeletion
+from sinks.destinations.contract import Deletion, Destination
+from sinks.destinations.mixpanel import Mixpanel, MixpanelDeletion
+from sinks.destinations.posthog import PostHog, PostHogDeletion
 from sinks.destinations.webhook import Webhook
 
 Security = dict[str, Any] | None
@@ -40,12 +41,21 @@ REQUIRED = {
     "webhook": ("url",),
 }
 OPTIONAL = {
-    "posthog": ("host",),
-    "mixpanel": ("host", "api_secret"),
-    "amplitude": ("host",),
+    "posthog": ("host", "personal_api_key", "project_id", "app_host"),
+    "mixpanel": ("host", "api_secret", "gdpr_token", "app_host"),
+    "amplitude": ("host", "secret_key", "app_host"),
     "webhook": ("auth", "secret"),
 }
-SECRETS = frozenset({"api_key", "token", "api_secret", "auth", "secret"})
+# Per type: what its deletion API needs besides the destination's own key (forgets forwarded).
+DELETION = {
+    "posthog": ("personal_api_key", "project_id"),
+    "mixpanel": ("gdpr_token",),
+    "amplitude": ("secret_key",),
+}
+SECRETS = frozenset(
+    {"api_key", "token", "api_secret", "auth", "secret", "personal_api_key", "gdpr_token",
+     "secret_key"}
+)  # fmt: skip
 
 
 def cipher(settings: Settings) -> Fernet:
@@ -99,11 +109,15 @@ def _default(name: str) -> str:
     return str(Settings.model_fields[name].default)
 
 
-def build(record: DestinationRecord, fernet: Fernet) -> Destination:
-    """The destination a record describes, its secrets decrypted."""
+def _values(record: DestinationRecord, fernet: Fernet) -> dict[str, str]:
     values = {**record["settings"]}
     values.update({k: fernet.decrypt(v.encode()).decode() for k, v in record["secrets"].items()})
-    kind = record["type"]
+    return values
+
+
+def build(record: DestinationRecord, fernet: Fernet) -> Destination:
+    """The destination a record describes, its secrets decrypted."""
+    values, kind = _values(record, fernet), record["type"]
     if kind == "posthog":
         return PostHog(values["api_key"], values.get("host", _default("posthog_host")))
     if kind == "mixpanel":
@@ -112,6 +126,23 @@ def build(record: DestinationRecord, fernet: Fernet) -> Destination:
     if kind == "amplitude":
         return Amplitude(values["api_key"], values.get("host", _default("amplitude_host")))
     return Webhook(values["url"], values.get("auth"), values.get("secret"))
+
+
+def deletion(record: DestinationRecord, fernet: Fernet) -> Deletion | None:
+    """The deletion API forgets are forwarded to, when the record has its credentials."""
+    kind = record["type"]
+    given = {*record["settings"], *record["secrets"]}
+    if kind not in DELETION or not set(DELETION[kind]) <= given:
+        return None
+    values = _values(record, fernet)
+    if kind == "posthog":
+        host = values.get("app_host", _default("posthog_app_host"))
+        return PostHogDeletion(values["personal_api_key"], values["project_id"], host)
+    if kind == "mixpanel":
+        host = values.get("app_host", _default("mixpanel_app_host"))
+        return MixpanelDeletion(values["token"], values["gdpr_token"], host)
+    host = values.get("app_host", _default("amplitude_app_host"))
+    return AmplitudeDeletion(values["api_key"], values["secret_key"], host)
 
 
 async def publish(bootstrap: str, record: DestinationRecord, *, security: Security = None) -> None:
@@ -129,25 +160,12 @@ async def publish(bootstrap: str, record: DestinationRecord, *, security: Securi
 async def current(bootstrap: str, *, security: Security = None) -> dict[str, DestinationRecord]:
     """The latest record of every destination on the keys topic, removed ones included."""
     await ensure_topics(bootstrap, roles=["keys"], security=security)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, **(security or {}), enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic("keys").name, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        out: dict[str, DestinationRecord] = {}
-        while await consumer.position(tp) < end:
-            for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                for m in messages:
-                    record = decode(m.value)
-                    if isinstance(record, dict) and record.get("record") == "destination":
-                        out[record["destination_id"]] = record  # type: ignore[assignment]
-        return out
-    finally:
-        await consumer.stop()
+    records = await read_all({"bootstrap_servers": bootstrap, **(security or {})})
+    return {
+        r["destination_id"]: r  # type: ignore[misc]
+        for r in records
+        if r.get("record") == "destination"
+    }
 
 
 async def remove(bootstrap: str, destination_id: str, *, security: Security = None) -> None:

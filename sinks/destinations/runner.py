@@ -120,7 +120,8 @@ class Runner:
         self.destination = destination
         self.name = destination.name
         self.project = project  # a per-project destination forwards only that project's events
-        self.label = label or self.name  # keys its dead letters: its id when per-project
+        # Keys its dead letters and labels its metrics and retries: its id when per-project.
+        self.label = label or self.name
         self.settings = settings
         self.client = client
         self.producer = producer
@@ -177,23 +178,23 @@ class Runner:
             await self.flush(stop)
         except _Stopped:
             log.warning(
-                "%s: stopping with an undelivered batch; it is sent again at start", self.name
+                "%s: stopping with an undelivered batch; it is sent again at start", self.label
             )
 
     def _add(self, value: bytes) -> None:
         try:
             events = enriched_events(value)
         except Exception as error:  # the sink dead-letters it; it cannot be sent anywhere
-            log.warning("%s: undecodable enriched record skipped (%r)", self.name, error)
-            DESTINATION_FAILED.labels(self.name, "undecodable").inc()
+            log.warning("%s: undecodable enriched record skipped (%r)", self.label, error)
+            DESTINATION_FAILED.labels(self.label, "undecodable").inc()
             return
         for event in events:
             if is_heartbeat(event) or (self.project and event.get("project") != self.project):
                 continue
             if event.get("is_bot"):
-                DESTINATION_SKIPPED.labels(self.name, "bot").inc()
+                DESTINATION_SKIPPED.labels(self.label, "bot").inc()
             elif event.get("env") == "test" and not self.settings.destinations_include_test:
-                DESTINATION_SKIPPED.labels(self.name, "test").inc()
+                DESTINATION_SKIPPED.labels(self.label, "test").inc()
             else:
                 if not self.events:
                     self.started = time.monotonic()
@@ -233,7 +234,7 @@ class Runner:
             await self.consumer.commit(mine)
         except CommitFailedError as error:  # a rebalance: the new owner sends them again
             log.warning(
-                "%s: offsets not committed (%r); providers drop the repeats", self.name, error
+                "%s: offsets not committed (%r); providers drop the repeats", self.label, error
             )
 
     async def _deliver(self, events: list[EnrichedEvent]) -> None:
@@ -257,14 +258,14 @@ class Runner:
                 await self._dead_letter(part[index], text)
             rest = [e for i, e in enumerate(part) if i not in answer.rejected]
             if answer.others_accepted:
-                DESTINATION_SENT.labels(self.name).inc(len(rest))
+                DESTINATION_SENT.labels(self.label).inc(len(rest))
             elif rest:
                 parts.append(rest)
 
     def _forgotten(self, event: EnrichedEvent) -> bool:
         # Checked before every send: a forget may arrive while a provider is away.
         if self.erasures.erased(event):
-            DESTINATION_SKIPPED.labels(self.name, "forgotten").inc()
+            DESTINATION_SKIPPED.labels(self.label, "forgotten").inc()
             return True
         return False
 
@@ -272,7 +273,7 @@ class Runner:
         """The provider's answer to `events`, retried while it fails in ways that heal."""
         destination = self.destination
         return await answered(
-            self.name,
+            self.label,
             self.client,
             lambda: destination.request(events),
             lambda response: destination.answer(response, events),
@@ -289,6 +290,6 @@ class Runner:
             )
 
         await retrying("destination_dead_letter", send, max_delay_s=30.0)
-        DEAD_LETTERS.labels(f"destination:{self.name}", "rejected").inc()
-        DESTINATION_FAILED.labels(self.name, "rejected").inc()
-        log.warning("%s refused event %s: %s", self.name, event.get("event_id"), text)
+        DEAD_LETTERS.labels(f"destination:{self.label}", "rejected").inc()
+        DESTINATION_FAILED.labels(self.label, "rejected").inc()
+        log.warning("%s refused event %s: %s", self.label, event.get("event_id"), text)
