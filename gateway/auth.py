@@ -93,8 +93,8 @@ class KeyStore:
             for record in records:
                 try:
                     self.apply(record)
-                except (ValueError, KeyError, TypeError):  # one bad record stops nothing
-                    log.warning("skipping an invalid keys record (%s)", record.get("record"))
+                except Exception:  # one bad record stops nothing: a revocation after it counts
+                    log.exception("skipping an invalid keys record (%s)", record.get("record"))
 
     def lagging(self) -> bool:
         """Whether keys may exist that this store has not read: the broker has records past

@@ -232,7 +232,8 @@ async def _send_back(bootstrap: str, letters: list[Letter]) -> None:
 def replay(bootstrap: str, data_dir: Path, reason: str | None, wait_s: float) -> int:
     """Send the matching letters not replayed before back to their stage; watch `wait_s` seconds
     for those failing again. Destinations' letters are named and not sent. Exit status 0, or 1
-    when some failed again or cannot be replayed (a destination's letter among them)."""
+    when some failed again or cannot be replayed (a destination's letter too, when `reason`
+    asked for it: without one, the destinations' letters kept 7 days would fail every run)."""
     ledger = _ledger(data_dir)
     letters = [
         letter
@@ -274,4 +275,4 @@ def replay(bootstrap: str, data_dir: Path, reason: str | None, wait_s: float) ->
         f"replayed {len(sendable)}, failed again {len(again)}, not replayable {len(unsendable)}, "
         f"skipped {len(ledger)} replayed before, destinations' letters not replayed {len(refused)}"
     )
-    return 1 if again or unsendable or refused else 0
+    return 1 if again or unsendable or (refused and reason) else 0

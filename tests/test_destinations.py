@@ -609,6 +609,46 @@ async def test_a_forget_reaches_every_destination_with_a_deletion_api(
     assert sent["amplitude"].payload()["user_ids"] == ["u_gone"]
 
 
+async def test_a_forget_forwarder_stops_at_once_while_its_provider_is_down(
+    broker: str, receiver: Receiver
+) -> None:
+    # It waited for the provider for ever: a remove or SIGTERM took the whole stop timeout, and
+    # the destinations process's others waited behind it.
+    await ensure_topics(broker)
+    receiver.down.add("posthog")
+    settings = runner_settings(
+        receiver,
+        posthog_personal_api_key=SecretStr("phx_personal"),
+        posthog_project_id="42",
+        posthog_app_host=receiver.url("posthog"),
+    )
+    [posthog] = [d for d in deletions(settings) if d.name == "posthog"]
+    forget_id = f"fgt_{uuid.uuid4().hex}"
+    erasure = {"v": 1, "forget_id": forget_id, "project": "demo", "user_id": "u_gone",
+               "anonymous_ids": [], "cutoff": 1, "suppress": False, "requested_at": 1}  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    stop = asyncio.Event()
+    async with httpx.AsyncClient() as client:
+        forwarder = ForgetForwarder(posthog, settings, broker, {}, client, producer, group_id=group)
+        try:
+            await forwarder.start()
+            task = asyncio.ensure_future(forwarder.run(stop))
+            await producer.send_and_wait(topic("erasures").name, orjson.dumps(erasure))
+            await wait_until(lambda: any(b"u_gone" in r.body for r in receiver.of("posthog")))
+            stop.set()
+            await asyncio.wait_for(task, timeout=5)
+            partitions = forwarder.consumer.assignment()
+            committed = [await forwarder.consumer.committed(tp) for tp in partitions]
+        finally:
+            stop.set()
+            await forwarder.stop()
+            await producer.stop()
+    assert not any(committed), committed  # forwarded again by the next one to run
+    assert await outcomes(broker, forget_id) == {}
+
+
 def test_forget_status_names_each_destinations_outcome(broker: str) -> None:
     from millimetric_app.cli import _forget_destinations
 
@@ -900,19 +940,22 @@ async def test_a_projects_own_destination_has_its_own_metrics_and_lag_in_status(
 
 
 def test_dead_letters_replay_says_it_does_not_replay_the_destinations_letters(
-    broker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fresh_broker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from ingest.dead_letter_replay import replay
 
     reason = f"refused {uuid.uuid4().hex}"
     letter = {"stage": "destination:ds_replay", "reason": reason, "record": enriched()}
-    asyncio.run(put_letter(broker, "posthog", letter))
-    assert replay(broker, tmp_path, reason, 0) == 1  # asked for, not done: not a success
+    asyncio.run(put_letter(fresh_broker, "posthog", letter))
+    assert replay(fresh_broker, tmp_path, reason, 0) == 1  # asked for, not done: not a success
     out = capsys.readouterr().out
     assert "not replayed (a destination's letter): posthog/" in out
     assert "\tdestination:ds_replay" in out
     assert "1 destinations' letters are not replayed" in out
     assert out.rstrip().endswith("destinations' letters not replayed 1")
+    # A replay of every letter is not failed by the destinations' (kept 7 days): named only.
+    assert replay(fresh_broker, tmp_path, None, 0) == 0
+    assert "not replayed (a destination's letter): posthog/" in capsys.readouterr().out
 
 
 async def test_a_crashing_project_destination_restarts_and_stops_no_other(
@@ -1002,3 +1045,19 @@ async def test_the_keys_reader_reads_to_the_topics_real_end(broker: str, tmp_pat
         await reader.stop()
     assert reader.position >= last.offset + 1
     assert {r["destination_id"] for r in records} <= seen
+
+
+def test_a_destination_with_part_of_its_deletion_credentials_is_refused(tmp_path: Path) -> None:
+    # It was stored, and forwarded no forget without saying so.
+    from sinks.destinations import project_destinations as pd
+
+    settings = Settings(data_dir=tmp_path)
+    for given, lacking in (
+        ({"personal_api_key": "phx"}, "--project-id"),
+        ({"project_id": "42"}, "--personal-api-key"),
+        ({"app_host": "https://eu.posthog.com"}, "--personal-api-key, --project-id"),
+    ):
+        with pytest.raises(ValueError, match=f"deletion API .* needs {lacking}$"):
+            pd.new_record(settings, "shop", "posthog", {"api_key": "phc", **given})
+    whole = {"api_key": "phc", "personal_api_key": "phx", "project_id": "42"}
+    assert pd.deletion(pd.new_record(settings, "shop", "posthog", whole), pd.cipher(settings))

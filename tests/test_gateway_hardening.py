@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from gateway.app import build_app
-from gateway.key_admin import create_key
+from gateway.auth import KeyStore
+from gateway.key_admin import create_key, publish_key_records
 from ingest.topics import ensure_topics
 from millimetric_app.embedded import EmbeddedBroker, free_port
 from tests.test_batch_publisher import CuttableLink
@@ -218,3 +219,22 @@ async def _invalid_requests_cost_tokens(broker: str) -> None:
 
 def test_invalid_requests_cost_a_token_of_the_senders_budget(broker: str) -> None:
     asyncio.run(_invalid_requests_cost_tokens(broker))
+
+
+async def test_a_keys_record_its_handler_cannot_take_stops_no_later_record(broker: str) -> None:
+    # Only ValueError, KeyError and TypeError were skipped: anything else ended the follower,
+    # and every later key (or revocation) went unseen.
+    def handler_bug(record: object) -> None:
+        raise RuntimeError("a handler's bug")
+
+    await ensure_topics(broker, roles=["keys"])
+    await publish_key_records(broker, [{"record": "hook", "hook_id": "bug"}])  # type: ignore[list-item]
+    project = f"after-{uuid.uuid4().hex[:8]}"
+    key = await create_key(broker, project, "sk", "live", [])
+    store = KeyStore({"bootstrap_servers": broker}, {"hook": handler_bug})
+    await store.start()
+    try:
+        await asyncio.wait_for(store.loaded.wait(), timeout=30)
+        assert store.authenticate(f"Bearer {key}", None, "track").project == project
+    finally:
+        await store.stop()

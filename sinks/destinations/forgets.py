@@ -70,15 +70,28 @@ class ForgetForwarder:
         await self.consumer.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Forward erasures until `stop` is set."""
-        while not stop.is_set():
-            fetched = await self.consumer.getmany(timeout_ms=500, max_records=50)
-            for tp, messages in fetched.items():
-                for m in messages:
-                    erasure = decode(m.value)
-                    if self.project in (None, erasure["project"]):
-                        await self.forward(erasure)
-                    await self.consumer.commit({tp: m.offset + 1})
+        """Forward erasures until `stop` is set. A stop while a provider is down leaves the
+        erasure uncommitted: it is forwarded again after the restart (deletes repeat safely)."""
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                fetched = await self.consumer.getmany(timeout_ms=500, max_records=50)
+                for tp, messages in fetched.items():
+                    for m in messages:
+                        erasure = decode(m.value)
+                        if self.project in (None, erasure["project"]):
+                            forwarding = asyncio.ensure_future(self.forward(erasure))
+                            await asyncio.wait(
+                                {forwarding, stopping}, return_when=asyncio.FIRST_COMPLETED
+                            )
+                            if not forwarding.done():
+                                forwarding.cancel()
+                                await asyncio.gather(forwarding, return_exceptions=True)
+                                return
+                            forwarding.result()
+                        await self.consumer.commit({tp: m.offset + 1})
+        finally:
+            stopping.cancel()
 
     async def forward(self, erasure: Erasure) -> dict[str, Any]:
         """Send one erasure and record its outcome."""

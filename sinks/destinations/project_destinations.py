@@ -87,6 +87,11 @@ def new_record(
         raise ValueError(f"{kind} needs --{', --'.join(missing).replace('_', '-')}")
     if unknown:
         raise ValueError(f"{kind} does not take --{', --'.join(unknown).replace('_', '-')}")
+    # Part of a deletion API's credentials would forward no forget, and say nothing of it.
+    deleting = set(DELETION.get(kind, ())) | ({"app_host"} if kind in DELETION else set())
+    if (set(given) & deleting) and (lacking := [n for n in DELETION[kind] if n not in given]):
+        flags = ", --".join(lacking).replace("_", "-")
+        raise ValueError(f"{kind}'s deletion API (forgets) also needs --{flags}")
     fernet = cipher(settings)
     record: DestinationRecord = {
         "v": 1,

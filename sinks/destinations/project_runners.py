@@ -90,8 +90,8 @@ class ProjectRunners:
             stopping.cancel()
             await fetches.aclose()
             await reader.stop()
-            for destination_id in list(self.running):
-                await self._stop(destination_id)
+            # Side by side: one provider slow to answer must not hold back the others' stops.
+            await asyncio.gather(*(self._stop(d) for d in list(self.running)))
 
     async def apply(self, record: DestinationRecord) -> None:
         """Start, or stop, the record's runner."""
@@ -176,20 +176,23 @@ class ProjectRunners:
         finally:
             self.serving.discard(destination_id)
             inner.set()
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-            for worker in workers:
-                try:
-                    await worker.stop()
-                except Exception as error:  # one never started: nothing of it to stop
-                    log.debug(
-                        "destination %s: stopping %r failed (%r)", destination_id, worker, error
-                    )
+            try:
+                outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            finally:  # also when a stop past STOP_WAIT_S cancels this: no consumer stays a member
+                for worker in workers:
+                    try:
+                        await worker.stop()
+                    except Exception as error:  # one never started: nothing of it to stop
+                        log.debug(
+                            "destination %s: stopping %r failed (%r)", destination_id, worker, error
+                        )
+        if halt.is_set():  # removed or stopping: what a worker raised meanwhile restarts nothing
+            return
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 log.error("destination %s of %s crashed", destination_id, project, exc_info=outcome)
                 raise outcome
-        if not halt.is_set():  # a worker returned on its own: serve again
-            raise RuntimeError(f"destination {destination_id} stopped by itself")
+        raise RuntimeError(f"destination {destination_id} stopped by itself")  # serve again
 
     async def _stop(self, destination_id: str) -> None:
         running = self.running.pop(destination_id)
