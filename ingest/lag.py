@@ -124,6 +124,13 @@ class LagMonitor:
             LAG_SECONDS.labels(*labels).set(seconds)
         return lags
 
+    def forget_gauges(self) -> None:
+        """Drop this group's lag series (its group is no longer measured)."""
+        for tp in self._partitions:
+            for gauge in (LAG_RECORDS, LAG_SECONDS):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self.group, self.topic, str(tp.partition))
+
 
 # Groups made while a stage runs (a per-project destination's): group -> the topic role it
 # consumes. Written by the stage's loop, read by the watch's thread.
@@ -156,13 +163,6 @@ async def _started(bootstrap: str, group: str, topic_key: str) -> LagMonitor | N
     return monitor
 
 
-def _forget_gauges(monitor: LagMonitor) -> None:
-    for tp in monitor._partitions:
-        for gauge in (LAG_RECORDS, LAG_SECONDS):
-            with contextlib.suppress(KeyError):
-                gauge.remove(monitor.group, monitor.topic, str(tp.partition))
-
-
 async def watch(bootstrap: str, groups: Sequence[str], stage: str, settings: Settings) -> None:
     """Measure the lag of `groups` (keys of CONSUMER_GROUPS), and of those `follow_group` names
     meanwhile, every MILLIMETRIC_LAG_INTERVAL_S until cancelled; the stage's own group's lag
@@ -181,7 +181,7 @@ async def watch(bootstrap: str, groups: Sequence[str], stage: str, settings: Set
                 followed = dict(_followed)
             for group in [g for g in monitors if g not in own and g not in followed]:
                 monitor = monitors.pop(group)
-                _forget_gauges(monitor)
+                monitor.forget_gauges()
                 with contextlib.suppress(Exception):
                     await monitor.stop()
             for group, topic_key in followed.items():
