@@ -24,6 +24,7 @@ from bench.services import (
     EventCount,
     Proc,
     TopicCount,
+    cpu_seconds,
     produce,
     stage,
     stage_env,
@@ -53,21 +54,41 @@ async def _fill(bootstrap: str, count: int, envelopes: bool) -> None:
     await produce(bootstrap, topic("raw").name, grouped(records, BATCH) if envelopes else records)
 
 
-async def _watch(bootstrap: str, name: str, count: int, timeout: float, envelopes: bool) -> float:
+async def _watch(
+    pid: int, bootstrap: str, name: str, count: int, timeout: float, envelopes: bool
+) -> tuple[float, float]:
     counting = EventCount if envelopes else TopicCount
+    # (events, CPU seconds) at the first progress seen and at the last poll: the same window
+    # as the rate, so start-up and the group join cost no CPU per event either.
+    window: list[tuple[int, float]] = []
+
     async with counting(bootstrap, name, topic("enriched").partitions) as counter:
-        rate, _ = await steady_rate(counter.count, count, timeout)
-    return rate
+
+        async def current() -> int:
+            done = await counter.count()
+            if done:
+                sample = (done, cpu_seconds(pid))
+                if not window:
+                    window.append(sample)
+                window[1:] = [sample]
+            return done
+
+        rate, _ = await steady_rate(current, count, timeout)
+    (first, first_cpu), (last, last_cpu) = window
+    return rate, (last_cpu - first_cpu) / (last - first) * 1e6 if last > first else float("nan")
 
 
 def timed(
     proc: Proc, bootstrap: str, name: str, count: int, envelopes: bool
-) -> tuple[float, float]:
-    """Start `proc`, wait for `count` events on `name`; return (events/s, peak RSS MB)."""
+) -> tuple[float, float, float]:
+    """Start `proc`, wait for `count` events on `name`; return (events/s, CPU µs per event,
+    peak RSS MB)."""
     proc.start()
     try:
-        rate = asyncio.run(_watch(bootstrap, name, count, 60 + count / 500, envelopes))
-        return rate, proc.peak_rss_mb()
+        rate, cpu = asyncio.run(
+            _watch(proc.pid, bootstrap, name, count, 60 + count / 500, envelopes)
+        )
+        return rate, cpu, proc.peak_rss_mb()
     finally:
         proc.stop()
 
@@ -82,18 +103,19 @@ def design(root: Path, count: int, name: str) -> tuple[list[Row], float]:
         asyncio.run(_fill(broker.bootstrap, count, envelopes))
         env = stage_env(broker.bootstrap, root / "data", MILLIMETRIC_GEOIP_PATH=str(geo),
                         MILLIMETRIC_ENVELOPES=DESIGNS[name])  # fmt: skip
-        real, rss = timed(stage("processor", env, root), broker.bootstrap, topic("enriched").name,
-                          count, envelopes)  # fmt: skip
+        worker = stage("processor", env, root)
+        real, cpu, rss = timed(worker, broker.bootstrap, topic("enriched").name, count, envelopes)
         bare_args = ["-m", "bench.bare_processor", broker.bootstrap, BARE_TOPIC, str(geo),
                      "envelopes" if envelopes else "single"]  # fmt: skip
         bare = Proc(bare_args, env, root / "bare_processor.log")
-        base, base_rss = timed(bare, broker.bootstrap, BARE_TOPIC, count, envelopes)
+        base, base_cpu, base_rss = timed(bare, broker.bootstrap, BARE_TOPIC, count, envelopes)
     finally:
         broker.stop()
     target = "≥ 0.8x" if envelopes else "≥ 0.5x"
     rows = [
         Row("processor", f"events/s, 1 worker, all enrichments ({count:,} events), {name}",
             real, base, target, "events/s"),
+        Row("processor", f"CPU per event, {name}", cpu, base_cpu, "-", "µs"),
         Row("processor", f"peak RSS (VmHWM), {name}", rss, base_rss, "≤ 300 MB", "MB"),
     ]  # fmt: skip
     return rows, real
