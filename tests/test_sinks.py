@@ -311,3 +311,22 @@ def wait_log(log: Path, text: str, timeout: float) -> None:
     while text not in log.read_text(errors="replace"):
         assert time.monotonic() < deadline, f"{log.name} never said {text!r}"
         time.sleep(0.5)
+
+
+def test_envelope_added_in_bulk_as_one_by_one_or_not_at_all() -> None:
+    """A batch takes an envelope's rows in one go, the same columns as event by event; one
+    incomplete event (a heartbeat, a poison event) grows no column, for the per-event path."""
+    from sinks.batch import EVENT_FIELDS, EventBatch
+
+    events: list[Any] = [
+        {**{name: f"{name}-{i}" for name in EVENT_FIELDS}, "version": i % 2} for i in range(5)
+    ]
+    del events[3]["version"]
+    bulk, single = EventBatch(), EventBatch()
+    assert bulk.add_all(events)
+    for event in events:
+        single.add(event)
+    assert bulk.columns == single.columns and bulk.rows == single.rows == 5
+    for poison in ({"v": 1, "type": "heartbeat", "sent_at": 1}, "not an object"):
+        assert not bulk.add_all([events[0], poison])
+        assert bulk.columns == single.columns and bulk.rows == 5
